@@ -1,0 +1,558 @@
+//! The commands (SPEC §6). Each one loads the config, then goes through the
+//! same reconcile path as the daemon: there is no other write path.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::clock::{rfc3339, Clock, SystemClock, Timestamp};
+use crate::config::{Config, ConfigError, KeysetPolicy, ParseContext, Problem, StoreSettings, SYSTEM_CONFIG_PATH};
+use crate::daemon;
+use crate::document::{AuditEvent, KeyState};
+use crate::key::{Alg, CryptoKeys};
+use crate::logging::{self, LogFormat};
+use crate::planner::{self, Action, PlanError};
+use crate::publish;
+use crate::reconcile::{ReconcileError, Reconciler, Snapshot};
+use crate::store;
+
+#[derive(Debug, Parser)]
+#[command(name = "keyroll", version, about = "Automated JWT signing-key rotation")]
+pub struct Cli {
+    /// Config file [default: $KEYROLL_CONFIG, else /etc/keyroll/keyroll.toml
+    /// if it exists, else the embedded default]
+    #[arg(long, global = true, env = "KEYROLL_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// Log level or filter (like RUST_LOG, which is used when this is absent)
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon
+    Run,
+    /// Check the config and print the derived timings; exit 0 or 2
+    Validate,
+    /// Print the next lifecycle events per slot; changes nothing
+    Plan {
+        keyset: Option<String>,
+        /// Events per slot
+        #[arg(long, default_value_t = 4)]
+        count: usize,
+    },
+    /// Keysets, keys, states, timestamps and the next event
+    Status {
+        keyset: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JWKS as it is published
+    Jwks { keyset: Option<String> },
+    /// Activate the next key as soon as it is safe (with --now: at once)
+    Rotate {
+        keyset: Option<String>,
+        #[arg(long)]
+        alg: Option<Alg>,
+        /// Activate even if the next key is younger than publish_lead
+        #[arg(long)]
+        now: bool,
+    },
+    /// Remove a key from the JWKS and destroy it at once
+    Revoke {
+        keyset: String,
+        kid: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// A command's failure, with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Failure(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Failure(_) => 1,
+            CliError::Usage(_) | CliError::Config(_) => 2,
+        }
+    }
+}
+
+impl From<ReconcileError> for CliError {
+    fn from(e: ReconcileError) -> Self {
+        match e {
+            ReconcileError::Plan(e) => CliError::Usage(e.to_string()),
+            other => CliError::Failure(other.to_string()),
+        }
+    }
+}
+
+impl From<store::OpenError> for CliError {
+    fn from(e: store::OpenError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+impl Cli {
+    pub fn try_parse_args() -> Result<Self, clap::Error> {
+        Cli::try_parse()
+    }
+}
+
+/// Runs the parsed command line.
+pub fn main(cli: Cli) -> Result<(), CliError> {
+    logging::init(cli.log_format, cli.log_level.as_deref()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failure(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(dispatch(cli));
+    // Key generation may still be running on a blocking thread after a
+    // shutdown; it holds nothing that needs finishing.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let config_path = cli.config.clone();
+    let config = load_config(config_path.as_deref())?;
+    match cli.command {
+        Command::Run => run(config, config_path).await,
+        Command::Validate => validate(&config),
+        Command::Plan { keyset, count } => plan(&config, keyset.as_deref(), count).await,
+        Command::Status { keyset, json } => status(&config, keyset.as_deref(), json).await,
+        Command::Jwks { keyset } => jwks(&config, keyset.as_deref()).await,
+        Command::Rotate { keyset, alg, now } => rotate(&config, keyset.as_deref(), alg, now).await,
+        Command::Revoke { keyset, kid, reason } => revoke(&config, &keyset, &kid, &reason).await,
+    }
+}
+
+/// `--config`/`KEYROLL_CONFIG`, else /etc/keyroll/keyroll.toml when it
+/// exists, else the embedded default (SPEC §6).
+fn load_config(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let context = ParseContext::from_env(SystemClock.now());
+    match explicit {
+        Some(path) => Config::load(path, &context),
+        None if Path::new(SYSTEM_CONFIG_PATH).exists() => Config::load(Path::new(SYSTEM_CONFIG_PATH), &context),
+        None => Ok(Config::embedded(&context)),
+    }
+}
+
+/// Checks that every path keyroll writes can be written, as this user: a
+/// config that parses but points at a read-only place fails now, not at the
+/// first rotation.
+fn check_paths(config: &Config) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    let check = |key: String, dir: &Path, problems: &mut Vec<Problem>| {
+        if let Err(message) = writable_dir(dir) {
+            problems.push(Problem {
+                line: None,
+                key,
+                message,
+            });
+        }
+    };
+    if let StoreSettings::File { dir } = &config.store {
+        check("store.dir".into(), dir, &mut problems);
+    }
+    for keyset in &config.keysets {
+        if let Some(file) = &keyset.jwks_file {
+            let key = format!("keysets[{}].jwks_file", keyset.name);
+            if file.is_dir() {
+                problems.push(Problem {
+                    line: None,
+                    key,
+                    message: format!("{} is a folder, not a file", file.display()),
+                });
+                continue;
+            }
+            let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            check(key, parent, &mut problems);
+        }
+        if let Some(dir) = &keyset.signing_dir {
+            check(format!("keysets[{}].signing_dir", keyset.name), dir, &mut problems);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            source_name: config.source.to_string(),
+            problems,
+        })
+    }
+}
+
+/// `dir` exists and is writable, or can be created under a writable parent.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+    }
+    if !existing.is_dir() {
+        return Err(format!("{} is not a folder", existing.display()));
+    }
+    // Trying is the only reliable test (read-only mounts, ACLs, SELinux).
+    tempfile::tempfile_in(existing)
+        .map(drop)
+        .map_err(|e| format!("{} is not writable: {e}", existing.display()))
+}
+
+fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn validate(config: &Config) -> Result<(), CliError> {
+    check_paths(config)?;
+    let mut out = String::new();
+    out.push_str(&format!("config {} is valid\n", config.source));
+    match &config.store {
+        StoreSettings::File { dir } => out.push_str(&format!("store: file, {}\n", dir.display())),
+        StoreSettings::AwsSecretsManager(aws) => {
+            out.push_str(&format!("store: aws-secrets-manager, secrets {}<keyset>\n", aws.secret_prefix))
+        }
+    }
+    match config.http_listen {
+        Some(addr) => out.push_str(&format!("http: {addr}\n")),
+        None => out.push_str("http: off\n"),
+    }
+    out.push_str(&format!("reconcile_interval: {}\n", show(config.reconcile_interval)));
+    for k in &config.keysets {
+        let t = &k.timings;
+        let algs: Vec<&str> = k.algorithms.iter().map(|a| a.as_str()).collect();
+        out.push_str(&format!("\nkeyset {}\n", k.name));
+        out.push_str(&format!("  algorithms: {} (RSA {} bits)\n", algs.join(", "), k.rsa_bits));
+        out.push_str(&format!("  rotation: {}\n", k.schedule.describe()));
+        out.push_str(&format!(
+            "  token_ttl {}, jwks_cache_ttl {}, propagation {}, clock_skew {}\n",
+            show(t.token_ttl),
+            show(t.jwks_cache_ttl),
+            show(t.propagation),
+            show(t.clock_skew)
+        ));
+        out.push_str(&format!(
+            "  publish_lead = jwks_cache_ttl + propagation = {}\n",
+            show(t.publish_lead())
+        ));
+        out.push_str(&format!(
+            "  retire_grace = token_ttl + clock_skew + propagation = {}\n",
+            show(t.retire_grace())
+        ));
+        if let Some(f) = &k.jwks_file {
+            out.push_str(&format!("  jwks_file: {}\n", f.display()));
+        }
+        if let Some(d) = &k.signing_dir {
+            out.push_str(&format!("  signing_dir: {}\n", d.display()));
+        }
+    }
+    for warning in &config.warnings {
+        out.push_str(&format!("\nwarning: {warning}\n"));
+    }
+    print!("{out}");
+    Ok(())
+}
+
+async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), CliError> {
+    check_paths(&config)?;
+    let setup = daemon::Setup {
+        config,
+        reload: Box::new(move || load_config(config_path.as_deref())),
+        keys: Arc::new(CryptoKeys),
+        clock: Arc::new(SystemClock),
+    };
+    daemon::run(setup, termination())
+        .await
+        .map_err(|e| match e {
+            daemon::DaemonError::Store(e) => CliError::from(e),
+            other => CliError::Failure(other.to_string()),
+        })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without handlers the default action (exit) still stops us.
+        _ => std::future::pending().await,
+    }
+}
+
+fn reconciler(config: &Config) -> Result<Reconciler, CliError> {
+    Ok(Reconciler::new(store::open(&config.store)?, Arc::new(CryptoKeys), Arc::new(SystemClock)))
+}
+
+/// The named keyset, or the default one (`default`, or the only one).
+fn pick_keyset<'c>(config: &'c Config, name: Option<&str>) -> Result<&'c KeysetPolicy, CliError> {
+    match name {
+        Some(name) => config.keyset(name).ok_or_else(|| unknown_keyset(config, name)),
+        None => config.default_keyset().ok_or_else(|| {
+            CliError::Usage("name a keyset: there are several and none is called \"default\"".into())
+        }),
+    }
+}
+
+fn unknown_keyset(config: &Config, name: &str) -> CliError {
+    let names: Vec<&str> = config.keysets.iter().map(|k| k.name.as_str()).collect();
+    CliError::Usage(format!(
+        "no keyset {name:?} in {} (keysets: {})",
+        config.source,
+        names.join(", ")
+    ))
+}
+
+/// The keysets a read-only command shows: the named one, or all.
+fn selected<'c>(config: &'c Config, name: Option<&str>) -> Result<Vec<&'c KeysetPolicy>, CliError> {
+    match name {
+        Some(name) => Ok(vec![config.keyset(name).ok_or_else(|| unknown_keyset(config, name))?]),
+        None => Ok(config.keysets.iter().collect()),
+    }
+}
+
+async fn plan(config: &Config, keyset: Option<&str>, count: usize) -> Result<(), CliError> {
+    let reconciler = reconciler(config)?;
+    let now = SystemClock.now();
+    let mut out = String::new();
+    for policy in selected(config, keyset)? {
+        let snapshot = reconciler.load(&policy.name).await?;
+        out.push_str(&format!("keyset {}\n", policy.name));
+        for event in planner::upcoming(now, &snapshot.doc, policy, count) {
+            let verb = match event.event {
+                AuditEvent::Created => "publish",
+                AuditEvent::Activated => "activate",
+                AuditEvent::Retired => "retire",
+                AuditEvent::Removed => "remove",
+                AuditEvent::Revoked => "revoke",
+            };
+            out.push_str(&format!(
+                "  {}  {:<5}  {:<8}  {}  ({})\n",
+                rfc3339(event.at),
+                event.alg,
+                verb,
+                event.kid,
+                event.trigger.as_str()
+            ));
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    keysets: Vec<KeysetStatus>,
+}
+
+#[derive(Serialize)]
+struct KeysetStatus {
+    name: String,
+    store: String,
+    bootstrapped: bool,
+    next_rotation: Option<String>,
+    slots: Vec<SlotStatus>,
+    keys: Vec<KeyStatus>,
+}
+
+#[derive(Serialize)]
+struct SlotStatus {
+    alg: Alg,
+    next_rotation: Option<String>,
+    waiting_for: Option<String>,
+}
+
+#[derive(Serialize)]
+struct KeyStatus {
+    kid: String,
+    alg: Alg,
+    state: KeyState,
+    created_at: Option<String>,
+    published_at: Option<String>,
+    activated_at: Option<String>,
+    retired_at: Option<String>,
+    remove_at: Option<String>,
+}
+
+fn keyset_status(policy: &KeysetPolicy, snapshot: &Snapshot, location: String, now: Timestamp) -> KeysetStatus {
+    let outlook = planner::plan(now, &snapshot.doc, policy, None)
+        .map(|plan| plan.outlook)
+        .unwrap_or_default();
+    let ts = |t: Option<Timestamp>| t.map(rfc3339);
+    let mut keys: Vec<KeyStatus> = snapshot
+        .doc
+        .keys
+        .iter()
+        .map(|k| KeyStatus {
+            kid: k.kid.clone(),
+            alg: k.alg,
+            state: k.state,
+            created_at: ts(Some(k.created_at)),
+            published_at: ts(Some(k.published_at)),
+            activated_at: ts(k.activated_at),
+            retired_at: ts(k.retired_at),
+            remove_at: ts(k.remove_at),
+        })
+        .collect();
+    keys.sort_by(|a, b| (a.state != KeyState::Active, a.state, a.alg).cmp(&(b.state != KeyState::Active, b.state, b.alg)));
+    KeysetStatus {
+        name: policy.name.clone(),
+        store: location,
+        bootstrapped: snapshot.version.is_some(),
+        next_rotation: ts(outlook.iter().filter_map(|s| s.next_rotation).min()),
+        slots: outlook
+            .iter()
+            .map(|s| SlotStatus {
+                alg: s.alg,
+                next_rotation: ts(s.next_rotation),
+                waiting_for: s.waiting_for.clone(),
+            })
+            .collect(),
+        keys,
+    }
+}
+
+async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(), CliError> {
+    let reconciler = reconciler(config)?;
+    let now = SystemClock.now();
+    let mut keysets = Vec::new();
+    for policy in selected(config, keyset)? {
+        let snapshot = reconciler.load(&policy.name).await?;
+        let location = reconciler.store().location(&policy.name);
+        keysets.push(keyset_status(policy, &snapshot, location, now));
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&StatusJson { keysets }).expect("status always serializes");
+        println!("{text}");
+        return Ok(());
+    }
+    let mut out = String::new();
+    for k in keysets {
+        out.push_str(&format!("keyset {}  ({})\n", k.name, k.store));
+        if !k.bootstrapped {
+            out.push_str("  not bootstrapped yet: `keyroll run` (or `keyroll rotate`) creates its keys\n");
+        }
+        for slot in &k.slots {
+            let at = slot.next_rotation.as_deref().unwrap_or("never");
+            out.push_str(&format!("  {} next rotation: {at}\n", slot.alg));
+            if let Some(why) = &slot.waiting_for {
+                out.push_str(&format!("    waiting: {why}\n"));
+            }
+        }
+        for key in &k.keys {
+            let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "  {:<7} {:<5} {}  published {}  activated {}  remove_at {}\n",
+                key.state.as_str(),
+                key.alg,
+                key.kid,
+                dash(&key.published_at),
+                dash(&key.activated_at),
+                dash(&key.remove_at)
+            ));
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+async fn jwks(config: &Config, keyset: Option<&str>) -> Result<(), CliError> {
+    let policy = pick_keyset(config, keyset)?;
+    let reconciler = reconciler(config)?;
+    let snapshot = reconciler.load(&policy.name).await?;
+    if snapshot.version.is_none() {
+        return Err(CliError::Failure(format!(
+            "keyset {:?} has no keys yet: `keyroll run` (or `keyroll rotate`) creates them",
+            policy.name
+        )));
+    }
+    let jwks = publish::render(&snapshot.doc, &snapshot.jwks, policy.x5c, policy.timings.jwks_cache_ttl.as_secs());
+    let mut stdout = std::io::stdout().lock();
+    let newline = if std::io::stdout().is_terminal() { &b"\n"[..] } else { b"" };
+    stdout
+        .write_all(&jwks.body)
+        .and_then(|()| stdout.write_all(newline))
+        .map_err(|e| CliError::Failure(format!("cannot write to stdout: {e}")))
+}
+
+async fn rotate(config: &Config, keyset: Option<&str>, alg: Option<Alg>, force: bool) -> Result<(), CliError> {
+    let policy = pick_keyset(config, keyset)?;
+    let action = Action::Rotate { alg, force };
+    let outcome = reconciler(config)?.reconcile(policy, Some(&action)).await?;
+    for warning in &outcome.plan.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for record in &outcome.committed {
+        daemon::log_transition(&policy.name, record);
+    }
+    let targets = match alg {
+        Some(alg) => vec![alg],
+        None => policy.algorithms.clone(),
+    };
+    for alg in targets {
+        let activated = outcome
+            .committed
+            .iter()
+            .find(|r| r.alg == alg && r.event == AuditEvent::Activated);
+        match activated {
+            Some(record) => println!("{}/{alg}: {} is now active", policy.name, record.kid),
+            None => {
+                let slot = outcome.plan.outlook.iter().find(|s| s.alg == alg);
+                let at = slot
+                    .and_then(|s| s.next_rotation)
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "unknown".into());
+                println!(
+                    "{}/{alg}: rotation requested; the next key becomes active at {at}, once it has been published for publish_lead ({}); the running daemon carries it out (or use --now)",
+                    policy.name,
+                    show(policy.timings.publish_lead())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Result<(), CliError> {
+    let policy = config.keyset(keyset).ok_or_else(|| unknown_keyset(config, keyset))?;
+    let action = Action::Revoke {
+        kid: kid.to_string(),
+        reason: reason.to_string(),
+    };
+    let outcome = reconciler(config)?.reconcile(policy, Some(&action)).await.map_err(|e| match e {
+        ReconcileError::Plan(PlanError::UnknownKid { .. }) => CliError::Usage(e.to_string()),
+        other => other.into(),
+    })?;
+    for record in &outcome.committed {
+        daemon::log_transition(&policy.name, record);
+    }
+    println!("{}: revoked {kid}; it is gone from the JWKS and the store", policy.name);
+    for record in outcome.committed.iter().filter(|r| r.event == AuditEvent::Activated) {
+        println!("{}/{}: {} is now active", policy.name, record.alg, record.kid);
+    }
+    Ok(())
+}

@@ -1,0 +1,677 @@
+//! The config file (SPEC §7), parsed and validated without I/O beyond reading
+//! the one file. Every mistake is reported with the key and, where the TOML
+//! gives one, the line; all mistakes are reported at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::clock::Timestamp;
+use crate::key::{Alg, RSA_BITS_ALLOWED};
+use crate::schedule::Schedule;
+
+/// Where `keyroll` looks for its config when `--config` and `KEYROLL_CONFIG`
+/// are not given.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/keyroll/keyroll.toml";
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+pub const DEFAULT_SECRET_PREFIX: &str = "keyroll/";
+
+const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_ROTATE_EVERY: Duration = Duration::from_secs(7 * 86400);
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
+const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+const DEFAULT_RSA_BITS: u32 = 2048;
+
+/// Where the config came from; named in every error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Embedded,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::Embedded => f.write_str("<embedded default config>"),
+        }
+    }
+}
+
+/// What the config parser needs from the environment, passed in so that
+/// parsing stays pure.
+#[derive(Clone, Debug)]
+pub struct ParseContext {
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), first entry.
+    pub state_directory: Option<PathBuf>,
+    /// The instant cron schedules are checked from.
+    pub now: Timestamp,
+}
+
+impl ParseContext {
+    pub fn from_env(now: Timestamp) -> Self {
+        let state_directory = std::env::var_os("STATE_DIRECTORY")
+            .and_then(|v| std::env::split_paths(&v).next())
+            .filter(|p| !p.as_os_str().is_empty());
+        ParseContext { state_directory, now }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: ConfigSource,
+    pub reconcile_interval: Duration,
+    pub state_dir: PathBuf,
+    pub store: StoreSettings,
+    /// `None`: the `[http]` table is absent, nothing is served.
+    pub http_listen: Option<SocketAddr>,
+    pub keysets: Vec<KeysetPolicy>,
+    /// Legal but doubtful settings, shown by `validate` and logged by `run`.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSettings {
+    File { dir: PathBuf },
+    AwsSecretsManager(AwsSettings),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsSettings {
+    pub secret_prefix: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub kms_key_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The timing inputs of SPEC §1 and what derives from them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    pub token_ttl: Duration,
+    pub jwks_cache_ttl: Duration,
+    pub propagation: Duration,
+    pub clock_skew: Duration,
+}
+
+impl Timings {
+    /// A key is never activated before it has been published this long.
+    pub fn publish_lead(&self) -> Duration {
+        self.jwks_cache_ttl + self.propagation
+    }
+
+    /// A retired key stays published this long after it stopped signing.
+    pub fn retire_grace(&self) -> Duration {
+        self.token_ttl + self.clock_skew + self.propagation
+    }
+}
+
+/// One keyset's policy: what the planner needs, and where to publish.
+#[derive(Clone, Debug)]
+pub struct KeysetPolicy {
+    pub name: String,
+    /// Sorted, without duplicates: each is a slot.
+    pub algorithms: Vec<Alg>,
+    pub rsa_bits: u32,
+    pub schedule: Schedule,
+    pub timings: Timings,
+    pub x5c: bool,
+    pub jwks_file: Option<PathBuf>,
+    pub signing_dir: Option<PathBuf>,
+}
+
+/// One mistake in the config: the key, its line when known, what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.source_name)?;
+        for p in &self.problems {
+            match p.line {
+                Some(line) => write!(f, "\n  line {line}: {}: {}", p.key, p.message)?,
+                None => write!(f, "\n  {}: {}", p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- the file as written -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    reconcile_interval: Option<Spanned<String>>,
+    state_dir: Option<Spanned<PathBuf>>,
+    store: Option<RawStore>,
+    http: Option<RawHttp>,
+    keysets: Option<Spanned<Vec<RawKeyset>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    dir: Option<Spanned<PathBuf>>,
+    secret_prefix: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    endpoint_url: Option<Spanned<String>>,
+    kms_key_id: Option<Spanned<String>>,
+    tags: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyset {
+    name: Spanned<String>,
+    algorithms: Option<Spanned<Vec<String>>>,
+    rsa_bits: Option<Spanned<i64>>,
+    rotate: Option<Spanned<String>>,
+    rotate_every: Option<Spanned<String>>,
+    token_ttl: Option<Spanned<String>>,
+    jwks_cache_ttl: Option<Spanned<String>>,
+    propagation: Option<Spanned<String>>,
+    clock_skew: Option<Spanned<String>>,
+    x5c: Option<bool>,
+    jwks_file: Option<Spanned<PathBuf>>,
+    signing_dir: Option<Spanned<PathBuf>>,
+}
+
+// ---- parsing ---------------------------------------------------------------
+
+/// Collects problems while a config is checked, turning byte spans into lines.
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Checker<'a> {
+    fn line_of(&self, span: std::ops::Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text[..end].bytes().filter(|b| *b == b'\n').count() + 1
+    }
+
+    fn problem<T>(&mut self, at: Option<&Spanned<T>>, key: &str, message: impl Into<String>) {
+        let line = at.map(|s| self.line_of(s.span()));
+        self.problems.push(Problem {
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<Duration> {
+        let value = value?;
+        match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let message = format!(
+                    "{:?} is not a duration ({e}); write it like 90s, 15m, 36h or 7d",
+                    value.get_ref()
+                );
+                self.problem(Some(value), key, message);
+                None
+            }
+        }
+    }
+
+    fn positive_duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        match self.duration(value, key) {
+            Some(d) if d.is_zero() => {
+                self.problem(value, key, "must be longer than zero");
+                default
+            }
+            Some(d) => d,
+            None => default,
+        }
+    }
+}
+
+fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Turns TOML's own error into a problem with a line: for a wrong type or an
+/// unknown key, serde names the key and TOML gives the span.
+fn toml_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let key = error
+        .message()
+        .split('`')
+        .nth(1)
+        .filter(|_| error.message().starts_with("unknown field"))
+        .unwrap_or("toml")
+        .to_string();
+    Problem {
+        line,
+        key,
+        message: error.message().trim().to_string(),
+    }
+}
+
+impl Config {
+    /// Reads and parses the config file at `path`.
+    pub fn load(path: &Path, context: &ParseContext) -> Result<Config, ConfigError> {
+        let source = ConfigSource::File(path.to_path_buf());
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source.to_string(),
+            problems: vec![Problem {
+                line: None,
+                key: "file".into(),
+                message: format!("cannot be read: {e}"),
+            }],
+        })?;
+        Config::parse(&text, source, context)
+    }
+
+    pub fn embedded(context: &ParseContext) -> Config {
+        Config::parse(EMBEDDED_DEFAULT, ConfigSource::Embedded, context)
+            .expect("the embedded default config is valid (tested)")
+    }
+
+    pub fn parse(text: &str, source: ConfigSource, context: &ParseContext) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: source.to_string(),
+            problems,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| fail(vec![toml_problem(text, &e)]))?;
+        let mut checker = Checker {
+            text,
+            problems: Vec::new(),
+        };
+        let config = build(raw, source.clone(), context, &mut checker);
+        if checker.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(checker.problems))
+        }
+    }
+
+    pub fn keyset(&self, name: &str) -> Option<&KeysetPolicy> {
+        self.keysets.iter().find(|k| k.name == name)
+    }
+
+    /// The keyset served at `/.well-known/jwks.json`: the one named
+    /// `default`, or the only one.
+    pub fn default_keyset(&self) -> Option<&KeysetPolicy> {
+        self.keyset("default").or(match self.keysets.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        })
+    }
+}
+
+fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut Checker) -> Config {
+    let reconcile_interval = c.positive_duration(
+        raw.reconcile_interval.as_ref(),
+        "reconcile_interval",
+        DEFAULT_RECONCILE_INTERVAL,
+    );
+    let state_dir = match raw.state_dir {
+        Some(dir) => dir.into_inner(),
+        None => context
+            .state_directory
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("keyroll-state")),
+    };
+    let store = build_store(raw.store, &state_dir, c);
+    let http_listen = raw.http.and_then(|http| match http.listen.get_ref().parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            let message = format!(
+                "{:?} is not an address to listen on (like 127.0.0.1:8080 or [::]:8080)",
+                http.listen.get_ref()
+            );
+            c.problem(Some(&http.listen), "http.listen", message);
+            None
+        }
+    });
+    let mut warnings = Vec::new();
+    let mut keysets = Vec::new();
+    match raw.keysets {
+        None => c.problem::<()>(None, "keysets", "no [[keysets]] defined: nothing to rotate"),
+        Some(list) => {
+            let mut seen = BTreeSet::new();
+            for raw_keyset in list.into_inner() {
+                if !seen.insert(raw_keyset.name.get_ref().clone()) {
+                    let message = format!("keyset {:?} is defined twice", raw_keyset.name.get_ref());
+                    c.problem(Some(&raw_keyset.name), "keysets.name", message);
+                    continue;
+                }
+                let policy = build_keyset(raw_keyset, reconcile_interval, context, c, &mut warnings);
+                keysets.push(policy);
+            }
+        }
+    }
+    Config {
+        source,
+        reconcile_interval,
+        state_dir,
+        store,
+        http_listen,
+        keysets,
+        warnings,
+    }
+}
+
+fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> StoreSettings {
+    let default_file = || StoreSettings::File {
+        dir: state_dir.join("keysets"),
+    };
+    let Some(raw) = raw else {
+        return default_file();
+    };
+    let mut misplaced = |present: bool, span_line: Option<usize>, key: &str, kind: &str| {
+        if present {
+            c.problems.push(Problem {
+                line: span_line,
+                key: format!("store.{key}"),
+                message: format!("not a setting of store type {kind:?}"),
+            });
+        }
+    };
+    let line = |s: &Option<Spanned<String>>, text: &str| {
+        s.as_ref()
+            .map(|s| text[..s.span().start].matches('\n').count() + 1)
+    };
+    match raw.kind.get_ref().as_str() {
+        "file" => {
+            let text = c.text;
+            misplaced(raw.secret_prefix.is_some(), line(&raw.secret_prefix, text), "secret_prefix", "file");
+            misplaced(raw.region.is_some(), line(&raw.region, text), "region", "file");
+            misplaced(raw.endpoint_url.is_some(), line(&raw.endpoint_url, text), "endpoint_url", "file");
+            misplaced(raw.kms_key_id.is_some(), line(&raw.kms_key_id, text), "kms_key_id", "file");
+            misplaced(raw.tags.is_some(), None, "tags", "file");
+            match raw.dir {
+                Some(dir) => StoreSettings::File { dir: dir.into_inner() },
+                None => default_file(),
+            }
+        }
+        "aws-secrets-manager" => {
+            misplaced(raw.dir.is_some(), None, "dir", "aws-secrets-manager");
+            let secret_prefix = raw
+                .secret_prefix
+                .map(Spanned::into_inner)
+                .unwrap_or_else(|| DEFAULT_SECRET_PREFIX.to_string());
+            StoreSettings::AwsSecretsManager(AwsSettings {
+                secret_prefix,
+                region: raw.region.map(Spanned::into_inner),
+                endpoint_url: raw.endpoint_url.map(Spanned::into_inner),
+                kms_key_id: raw.kms_key_id.map(Spanned::into_inner),
+                tags: raw.tags.map(Spanned::into_inner).unwrap_or_default(),
+            })
+        }
+        other => {
+            let message = format!("unknown store type {other:?} (expected \"file\" or \"aws-secrets-manager\")");
+            c.problem(Some(&raw.kind), "store.type", message);
+            default_file()
+        }
+    }
+}
+
+fn valid_keyset_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(first) if first.is_ascii_alphanumeric())
+        && name.len() <= 128
+        && chars.all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+}
+
+fn build_keyset(
+    raw: RawKeyset,
+    reconcile_interval: Duration,
+    context: &ParseContext,
+    c: &mut Checker,
+    warnings: &mut Vec<String>,
+) -> KeysetPolicy {
+    let name = raw.name.get_ref().clone();
+    if !valid_keyset_name(&name) {
+        let message = format!(
+            "{name:?} is not a valid keyset name (letters, digits, '-', '_', '.'; starting with a letter or digit; at most 128)"
+        );
+        c.problem(Some(&raw.name), "keysets.name", message);
+    }
+    let key = |field: &str| format!("keysets[{name}].{field}");
+
+    let algorithms = build_algorithms(raw.algorithms.as_ref(), &key("algorithms"), c);
+    let rsa_bits = match &raw.rsa_bits {
+        None => DEFAULT_RSA_BITS,
+        Some(bits) => {
+            let value = *bits.get_ref();
+            match u32::try_from(value).ok().filter(|b| RSA_BITS_ALLOWED.contains(b)) {
+                Some(b) => b,
+                None => {
+                    let why = if value < 2048 {
+                        "fewer than 2048 bits is refused as insecure; "
+                    } else {
+                        ""
+                    };
+                    let message = format!("{value} is not allowed: {why}use 2048, 3072 or 4096");
+                    c.problem(Some(bits), &key("rsa_bits"), message);
+                    DEFAULT_RSA_BITS
+                }
+            }
+        }
+    };
+
+    let propagation_default = reconcile_interval * 2;
+    let timings = Timings {
+        token_ttl: c.positive_duration(raw.token_ttl.as_ref(), &key("token_ttl"), DEFAULT_TOKEN_TTL),
+        jwks_cache_ttl: c
+            .duration(raw.jwks_cache_ttl.as_ref(), &key("jwks_cache_ttl"))
+            .unwrap_or(DEFAULT_JWKS_CACHE_TTL),
+        propagation: c
+            .duration(raw.propagation.as_ref(), &key("propagation"))
+            .unwrap_or(propagation_default),
+        clock_skew: c
+            .duration(raw.clock_skew.as_ref(), &key("clock_skew"))
+            .unwrap_or(DEFAULT_CLOCK_SKEW),
+    };
+    if timings.propagation < reconcile_interval {
+        warnings.push(format!(
+            "keyset {name:?}: propagation ({}) is shorter than reconcile_interval ({}): a replica may publish a change later than the timings assume",
+            show(timings.propagation),
+            show(reconcile_interval)
+        ));
+    }
+
+    let schedule = build_schedule(&raw, &key, timings, context, c);
+
+    KeysetPolicy {
+        name,
+        algorithms,
+        rsa_bits,
+        schedule,
+        timings,
+        x5c: raw.x5c.unwrap_or(true),
+        jwks_file: raw.jwks_file.map(Spanned::into_inner),
+        signing_dir: raw.signing_dir.map(Spanned::into_inner),
+    }
+}
+
+fn build_algorithms(raw: Option<&Spanned<Vec<String>>>, key: &str, c: &mut Checker) -> Vec<Alg> {
+    let Some(raw) = raw else {
+        return vec![Alg::ES256, Alg::RS256];
+    };
+    let mut algorithms = BTreeSet::new();
+    for name in raw.get_ref() {
+        // Algorithm names are exact in the config (JOSE spells them so).
+        match Alg::ALL.into_iter().find(|alg| alg.as_str() == name) {
+            Some(alg) if !algorithms.insert(alg) => {
+                c.problem(Some(raw), key, format!("{name} is listed twice"));
+            }
+            Some(_) => {}
+            None => c.problem(
+                Some(raw),
+                key,
+                format!("unknown algorithm {name:?} (supported: \"ES256\", \"RS256\")"),
+            ),
+        }
+    }
+    if raw.get_ref().is_empty() {
+        c.problem(Some(raw), key, "at least one algorithm is needed");
+    }
+    algorithms.into_iter().collect()
+}
+
+fn build_schedule(
+    raw: &RawKeyset,
+    key: &dyn Fn(&str) -> String,
+    timings: Timings,
+    context: &ParseContext,
+    c: &mut Checker,
+) -> Schedule {
+    let default = Schedule::Every(DEFAULT_ROTATE_EVERY);
+    let (schedule, field, span) = match (&raw.rotate, &raw.rotate_every) {
+        (Some(cron), Some(_)) => {
+            c.problem(Some(cron), &key("rotate"), "set either rotate (cron) or rotate_every (period), not both");
+            return default;
+        }
+        (Some(cron), None) => match Schedule::cron(cron.get_ref()) {
+            Ok(schedule) => (schedule, "rotate", cron),
+            Err(e) => {
+                let message = format!(
+                    "{:?} is not a cron expression ({e}); it has a seconds field, like \"0 0 3 * * Mon\"",
+                    cron.get_ref()
+                );
+                c.problem(Some(cron), &key("rotate"), message);
+                return default;
+            }
+        },
+        (None, Some(every)) => match c.duration(Some(every), &key("rotate_every")) {
+            Some(period) => (Schedule::Every(period), "rotate_every", every),
+            None => return default,
+        },
+        (None, None) => return default,
+    };
+    let lead = timings.publish_lead();
+    match schedule.shortest_gap(context.now) {
+        None => {
+            c.problem(Some(span), &key(field), "this schedule never fires again");
+        }
+        Some(gap) if gap < lead => {
+            let message = format!(
+                "rotations {} apart are shorter than publish_lead = jwks_cache_ttl ({}) + propagation ({}) = {}: \
+                 a verifier could meet a token signed with a key it has not fetched yet; \
+                 rotate at most every {} or shorten jwks_cache_ttl/propagation",
+                show(gap),
+                show(timings.jwks_cache_ttl),
+                show(timings.propagation),
+                show(lead),
+                show(lead)
+            );
+            c.problem(Some(span), &key(field), message);
+        }
+        Some(_) => {}
+    }
+    schedule
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> ParseContext {
+        ParseContext {
+            state_directory: None,
+            now: chrono::Utc::now(),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, ConfigSource::File("k.toml".into()), &context())
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_the_spec() {
+        let config = Config::embedded(&context());
+        assert_eq!(config.http_listen, Some("127.0.0.1:8080".parse().unwrap()));
+        let keyset = config.default_keyset().unwrap();
+        assert_eq!(keyset.name, "default");
+        assert_eq!(keyset.algorithms, vec![Alg::ES256, Alg::RS256]);
+        assert_eq!(keyset.timings.token_ttl, Duration::from_secs(3600));
+        assert_eq!(keyset.timings.propagation, Duration::from_secs(60));
+        assert!(matches!(keyset.schedule, Schedule::Every(d) if d == Duration::from_secs(604800)));
+        assert_eq!(
+            config.store,
+            StoreSettings::File {
+                dir: PathBuf::from("keyroll-state/keysets")
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse("reconcile_interval = \"30s\"\n[[keysets]]\nname = \"a\"\ntoken_tll = \"1h\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("token_tll") && text.contains("line 4"), "{text}");
+    }
+
+    #[test]
+    fn unsafe_rotation_period_names_fields_and_numbers() {
+        let err = parse("[[keysets]]\nname = \"a\"\nrotate_every = \"5m\"\njwks_cache_ttl = \"5m\"\npropagation = \"1m\"\n")
+            .unwrap_err();
+        let text = err.to_string();
+        for needle in ["line 3", "rotate_every", "publish_lead", "5m", "1m", "6m"] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_all_reported_at_once() {
+        let err = parse(
+            "[[keysets]]\nname = \"a b\"\nalgorithms = [\"HS256\"]\nrsa_bits = 1024\ntoken_ttl = \"soon\"\nrotate = \"nope\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 5, "{err}");
+        let text = err.to_string();
+        for needle in ["line 2", "line 3", "line 4", "line 5", "line 6", "HS256", "1024", "soon", "nope"] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn propagation_defaults_to_twice_the_reconcile_interval() {
+        let config = parse("reconcile_interval = \"10s\"\n[[keysets]]\nname = \"a\"\n").unwrap();
+        let timings = config.keysets[0].timings;
+        assert_eq!(timings.propagation, Duration::from_secs(20));
+        assert_eq!(timings.publish_lead(), Duration::from_secs(320));
+        assert_eq!(timings.retire_grace(), Duration::from_secs(3600 + 60 + 20));
+    }
+
+    #[test]
+    fn store_settings_of_the_other_type_are_refused() {
+        let err = parse("[store]\ntype = \"file\"\nsecret_prefix = \"x/\"\n[[keysets]]\nname = \"a\"\n").unwrap_err();
+        assert!(err.to_string().contains("store.secret_prefix"), "{err}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The stored keyset document (SPEC §3): every key of one keyset with its
+//! private key, timestamps and state, pending manual rotations, the audit
+//! trail, and a schema version. Parsing is strict: a document that does not
+//! parse, has an unknown schema, or breaks a structural rule is refused, so
+//! that nothing ever plans on (and overwrites) a document it misread.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::key::{Alg, KeyFactory, PublicJwk, SecretPem};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Audit records kept per keyset, newest last. Bounded because a document
+/// must stay small (an AWS secret holds at most 64 KiB); at the default
+/// weekly rotation of two algorithms this is about a year of history.
+pub const AUDIT_LIMIT: usize = 200;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    Next,
+    Active,
+    Retired,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Next => "next",
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a transition happened; also the `trigger` label of the rotation metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// An empty slot got its first keys.
+    Bootstrap,
+    /// A new `next` key after the previous one was activated or revoked.
+    Replenish,
+    /// The schedule fell due.
+    Schedule,
+    /// `keyroll rotate`.
+    Manual,
+    /// `keyroll rotate --now`, ignoring `publish_lead`.
+    Forced,
+    /// `keyroll revoke`.
+    Revoke,
+    /// The algorithm was removed from the config.
+    ConfigRemoved,
+    /// A retired key's `remove_at` passed.
+    GraceEnded,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Bootstrap => "bootstrap",
+            Trigger::Replenish => "replenish",
+            Trigger::Schedule => "schedule",
+            Trigger::Manual => "manual",
+            Trigger::Forced => "forced",
+            Trigger::Revoke => "revoke",
+            Trigger::ConfigRemoved => "config-removed",
+            Trigger::GraceEnded => "grace-ended",
+        }
+    }
+}
+
+/// The lifecycle timestamps of one key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyTimes {
+    pub created_at: Option<Timestamp>,
+    pub published_at: Option<Timestamp>,
+    pub activated_at: Option<Timestamp>,
+    pub retired_at: Option<Timestamp>,
+    pub remove_at: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    pub kid: String,
+    pub alg: Alg,
+    pub state: KeyState,
+    pub created_at: Timestamp,
+    pub published_at: Timestamp,
+    pub activated_at: Option<Timestamp>,
+    pub retired_at: Option<Timestamp>,
+    pub remove_at: Option<Timestamp>,
+    /// The self-signed certificate (DER, base64), published as `x5c`.
+    pub certificate: String,
+    pub private_key_pem: SecretPem,
+}
+
+impl StoredKey {
+    pub fn times(&self) -> KeyTimes {
+        KeyTimes {
+            created_at: Some(self.created_at),
+            published_at: Some(self.published_at),
+            activated_at: self.activated_at,
+            retired_at: self.retired_at,
+            remove_at: self.remove_at,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditEvent {
+    Created,
+    Activated,
+    Retired,
+    Removed,
+    Revoked,
+}
+
+impl AuditEvent {
+    /// The structured log event name (SPEC §5).
+    pub fn log_name(self) -> &'static str {
+        match self {
+            AuditEvent::Created => "key.created",
+            AuditEvent::Activated => "key.activated",
+            AuditEvent::Retired => "key.retired",
+            AuditEvent::Removed => "key.removed",
+            AuditEvent::Revoked => "key.revoked",
+        }
+    }
+}
+
+/// One key transition. Holds no key material, so it outlives the key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    pub at: Timestamp,
+    pub event: AuditEvent,
+    pub kid: String,
+    pub alg: Alg,
+    pub trigger: Trigger,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The key's timestamps as they were at this event.
+    pub key: KeyTimes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysetDoc {
+    pub schema_version: u32,
+    pub keyset: String,
+    pub keys: Vec<StoredKey>,
+    /// `keyroll rotate` requests waiting for the next key's `publish_lead`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending_rotations: BTreeMap<Alg, Timestamp>,
+    #[serde(default)]
+    pub audit: Vec<AuditRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("{location}: not a keyroll keyset document ({detail}); it is left untouched")]
+    Malformed { location: String, detail: String },
+    #[error("{location}: schema version {found} is unknown to this keyroll (it knows {SCHEMA_VERSION}); it is left untouched")]
+    UnknownSchema { location: String, found: String },
+    #[error("{location}: {detail}; it is left untouched")]
+    Inconsistent { location: String, detail: String },
+}
+
+/// serde_json quotes offending input in its messages; in a tampered document
+/// that input could be key material, so long quoted parts are elided.
+fn without_long_quotes(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['`', '"']) {
+        let quote = rest.as_bytes()[start] as char;
+        out.push_str(&rest[..=start]);
+        let after = &rest[start + 1..];
+        match after.find(quote) {
+            Some(end) if end <= 40 => {
+                out.push_str(&after[..=end]);
+                rest = &after[end + 1..];
+            }
+            Some(end) => {
+                out.push('…');
+                out.push(quote);
+                rest = &after[end + 1..];
+            }
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl KeysetDoc {
+    pub fn new(keyset: &str) -> Self {
+        KeysetDoc {
+            schema_version: SCHEMA_VERSION,
+            keyset: keyset.to_string(),
+            keys: Vec::new(),
+            pending_rotations: BTreeMap::new(),
+            audit: Vec::new(),
+        }
+    }
+
+    /// Parses and checks the structure of a stored document. `location`
+    /// (a path, a secret name) names it in every error.
+    pub fn parse(text: &str, keyset: &str, location: &str) -> Result<Self, DocumentError> {
+        let malformed = |e: serde_json::Error| DocumentError::Malformed {
+            location: location.to_string(),
+            detail: without_long_quotes(&e.to_string()),
+        };
+        // The schema version is checked before the shape: a future schema
+        // must be reported as such, not as a confusing field error.
+        let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
+        match value.get("schema_version") {
+            Some(v) if v.as_u64() == Some(SCHEMA_VERSION as u64) => {}
+            Some(v) => {
+                return Err(DocumentError::UnknownSchema {
+                    location: location.to_string(),
+                    found: without_long_quotes(&v.to_string()),
+                })
+            }
+            None => {
+                return Err(DocumentError::Malformed {
+                    location: location.to_string(),
+                    detail: "no schema_version".to_string(),
+                })
+            }
+        }
+        let doc: KeysetDoc = serde_json::from_value(value).map_err(malformed)?;
+        doc.check_structure(keyset)
+            .map_err(|detail| DocumentError::Inconsistent {
+                location: location.to_string(),
+                detail,
+            })?;
+        Ok(doc)
+    }
+
+    /// The rules every stored document obeys (SPEC §1, I1 and the states).
+    fn check_structure(&self, keyset: &str) -> Result<(), String> {
+        if self.keyset != keyset {
+            return Err(format!(
+                "document is for keyset {:?}, expected {:?}",
+                self.keyset, keyset
+            ));
+        }
+        let mut kids = HashSet::new();
+        let mut slots: BTreeMap<(Alg, KeyState), usize> = BTreeMap::new();
+        for key in &self.keys {
+            if key.kid.is_empty() || !kids.insert(key.kid.as_str()) {
+                return Err(format!("kid {:?} is empty or appears twice", key.kid));
+            }
+            *slots.entry((key.alg, key.state)).or_default() += 1;
+            let shape_ok = match key.state {
+                KeyState::Next => key.activated_at.is_none() && key.retired_at.is_none(),
+                KeyState::Active => key.activated_at.is_some() && key.retired_at.is_none(),
+                KeyState::Retired => key.retired_at.is_some() && key.remove_at.is_some(),
+            };
+            if !shape_ok {
+                return Err(format!(
+                    "key {} is {} but its timestamps do not fit that state",
+                    key.kid, key.state
+                ));
+            }
+        }
+        for ((alg, state), count) in slots {
+            if count > 1 && state != KeyState::Retired {
+                return Err(format!("slot {alg} has {count} {state} keys"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every private key against its kid and returns the public JWKs,
+    /// in the order of `keys`.
+    pub fn public_jwks(
+        &self,
+        keys: &dyn KeyFactory,
+        location: &str,
+    ) -> Result<Vec<PublicJwk>, DocumentError> {
+        self.keys
+            .iter()
+            .map(|key| {
+                let inconsistent = |detail: String| DocumentError::Inconsistent {
+                    location: location.to_string(),
+                    detail,
+                };
+                let jwk = keys
+                    .public_jwk(key.alg, &key.private_key_pem)
+                    .map_err(|e| inconsistent(format!("key {}: {e}", key.kid)))?;
+                if jwk.kid != key.kid {
+                    return Err(inconsistent(format!(
+                        "key {} does not match its kid (its thumbprint is {})",
+                        key.kid, jwk.kid
+                    )));
+                }
+                Ok(jwk)
+            })
+            .collect()
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a keyset document always serializes")
+    }
+
+    pub fn key(&self, alg: Alg, state: KeyState) -> Option<&StoredKey> {
+        self.keys.iter().find(|k| k.alg == alg && k.state == state)
+    }
+
+    pub fn push_audit(&mut self, record: AuditRecord) {
+        self.audit.push(record);
+        if self.audit.len() > AUDIT_LIMIT {
+            let excess = self.audit.len() - AUDIT_LIMIT;
+            self.audit.drain(..excess);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_quoted_input_is_elided_from_messages() {
+        let m = without_long_quotes(
+            "unknown variant `-----BEGIN PRIVATE KEY-----MIGHAgEAMBMGByqGSM49AgEGCCqGSM49`, expected `next`",
+        );
+        assert!(!m.contains("MIGH"), "{m}");
+        assert!(m.contains("`next`"), "{m}");
+    }
+
+    #[test]
+    fn unknown_schema_is_named() {
+        let err = KeysetDoc::parse(r#"{"schema_version": 7}"#, "default", "/x/default.json")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/x/default.json") && text.contains("schema version 7"), "{text}");
+    }
+}

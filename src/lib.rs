@@ -1,0 +1,27 @@
+//! keyroll keeps JWT signing keys rotating without breaking a verifier.
+//!
+//! - [`config`]: the TOML config, parsed and validated (pure).
+//! - [`clock`]: time comes in from outside.
+//! - [`key`]: RS256/ES256 generation, JWKs, RFC 7638 kids, x5c.
+//! - [`document`]: the stored keyset document and its strict parser.
+//! - [`planner`]: pure `(now, document, policy, action) -> steps`.
+//! - [`reconcile`]: load → plan → save (compare-and-swap), retried on conflict.
+//! - [`store`]: the `Store` trait and its file and memory backends.
+//! - [`publish`]: JWKS rendering, HTTP, `jwks_file`, `signing_dir`.
+//! - [`daemon`]: the `run` loop, signals, sd_notify; [`metrics`]: Prometheus.
+//! - [`cli`]: the commands; `main.rs` only maps their result to an exit code.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod document;
+pub mod fsutil;
+pub mod key;
+pub mod logging;
+pub mod metrics;
+pub mod planner;
+pub mod publish;
+pub mod reconcile;
+pub mod schedule;
+pub mod store;

@@ -1,0 +1,133 @@
+//! The embedded default store: `<dir>/<keyset>.json`, mode 0600 in a 0700
+//! folder, replaced atomically; compare-and-swap under an advisory lock on
+//! `<dir>/.<keyset>.lock`, so the daemon and CLI processes on one host (or
+//! on a shared POSIX filesystem with working `flock`) never lose an update.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{Store, StoreError, Stored, Version};
+use crate::fsutil;
+
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileStore { dir: dir.into() }
+    }
+
+    pub fn path(&self, keyset: &str) -> PathBuf {
+        self.dir.join(format!("{keyset}.json"))
+    }
+
+    fn lock_path(&self, keyset: &str) -> PathBuf {
+        self.dir.join(format!(".{keyset}.lock"))
+    }
+}
+
+/// The version of a file is the digest of its bytes: it changes exactly when
+/// the content does, and survives restarts without extra state.
+fn version_of(bytes: &[u8]) -> Version {
+    let digest = Sha256::digest(bytes);
+    Version(digest[..12].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn read_current(path: &Path) -> io::Result<Option<Zeroizing<Vec<u8>>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(Zeroizing::new(bytes))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl FileStore {
+    fn unavailable(&self, keyset: &str, what: &str, e: io::Error) -> StoreError {
+        StoreError::Unavailable {
+            location: self.path(keyset).display().to_string(),
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    fn load_blocking(&self, keyset: &str) -> Result<Option<Stored>, StoreError> {
+        let path = self.path(keyset);
+        let Some(bytes) = read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))? else {
+            return Ok(None);
+        };
+        let version = version_of(&bytes);
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| StoreError::Unavailable {
+            location: path.display().to_string(),
+            message: "is not UTF-8 text".to_string(),
+        })?;
+        Ok(Some(Stored {
+            text: Zeroizing::new(text),
+            version,
+        }))
+    }
+
+    fn save_blocking(
+        &self,
+        keyset: &str,
+        text: &str,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError> {
+        fsutil::ensure_dir(&self.dir, 0o700).map_err(|e| self.unavailable(keyset, "cannot create the store folder", e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.lock_path(keyset))
+            .map_err(|e| self.unavailable(keyset, "cannot open the lock file", e))?;
+        // Held until `lock` is dropped at the end of this function; a process
+        // that dies holding it releases it with its file descriptors.
+        File::lock(&lock).map_err(|e| self.unavailable(keyset, "cannot take the lock", e))?;
+        let path = self.path(keyset);
+        let current = read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))?;
+        let current_version = current.as_ref().map(|bytes| version_of(bytes));
+        if current_version.as_ref() != expected {
+            return Err(StoreError::Conflict {
+                location: path.display().to_string(),
+            });
+        }
+        fsutil::write_atomic(&path, text.as_bytes(), 0o600).map_err(|e| self.unavailable(keyset, "cannot write", e))?;
+        Ok(version_of(text.as_bytes()))
+    }
+}
+
+#[async_trait]
+impl Store for FileStore {
+    fn location(&self, keyset: &str) -> String {
+        self.path(keyset).display().to_string()
+    }
+
+    async fn load(&self, keyset: &str) -> Result<Option<Stored>, StoreError> {
+        let store = FileStore::new(self.dir.clone());
+        let keyset = keyset.to_string();
+        tokio::task::spawn_blocking(move || store.load_blocking(&keyset))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    async fn save(
+        &self,
+        keyset: &str,
+        text: &str,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError> {
+        let store = FileStore::new(self.dir.clone());
+        let keyset = keyset.to_string();
+        let text = Zeroizing::new(text.to_string());
+        let expected = expected.cloned();
+        tokio::task::spawn_blocking(move || store.save_blocking(&keyset, &text, expected.as_ref()))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+}

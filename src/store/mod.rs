@@ -1,0 +1,98 @@
+//! Where keyset documents live. A backend stores one text document per
+//! keyset and offers exactly two operations: load with a version, and save
+//! only if the version is unchanged (compare-and-swap). Every change, by the
+//! daemon or the CLI, is load → plan → save(expected version); on a conflict
+//! the writer reloads and plans again. There is no other write path.
+
+mod file;
+mod memory;
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
+/// An opaque token naming one stored revision of a document.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+/// A loaded document. The text holds private keys: zeroized on drop, and
+/// `Debug` shows only the version.
+pub struct Stored {
+    pub text: Zeroizing<String>,
+    pub version: Version,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stored({:?}, [redacted])", self.version)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The document changed (or appeared) since the version the writer
+    /// expected: reload, plan again, save again.
+    #[error("{location}: changed by another writer since it was read")]
+    Conflict { location: String },
+    /// The backend could not be reached or failed; worth retrying later.
+    #[error("{location}: {message}")]
+    Unavailable { location: String, message: String },
+}
+
+impl StoreError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+}
+
+/// A keyset document store.
+///
+/// The contract every backend keeps (checked by `tests/store_battery.rs`):
+///
+/// - `load` returns the latest saved text with its version, or `None` if the
+///   keyset was never saved. A version identifies content that was saved:
+///   two loads return the same version only if no save succeeded between.
+/// - `save(keyset, text, expected)` stores `text` only if the current
+///   version is still `expected` (`None`: the document must not exist yet),
+///   and returns the new version. Otherwise it stores nothing and returns
+///   [`StoreError::Conflict`]. Of any number of concurrent saves against the
+///   same expected version, across threads, processes and hosts, at most
+///   one succeeds.
+/// - A save is durable and atomic when it returns `Ok`: a crash at any point
+///   leaves either the old document or the new one, never a mix.
+/// - A failed save (`Unavailable`) may or may not have landed; the caller
+///   finds out by loading again, which the reconcile loop always does.
+/// - Nothing is ever deleted: documents are only replaced.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Names the document for people: a path, a secret name.
+    fn location(&self, keyset: &str) -> String;
+
+    async fn load(&self, keyset: &str) -> Result<Option<Stored>, StoreError>;
+
+    async fn save(
+        &self,
+        keyset: &str,
+        text: &str,
+        expected: Option<&Version>,
+    ) -> Result<Version, StoreError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "store type \"aws-secrets-manager\" is not available in this keyroll build yet; \
+         use type = \"file\" (the AWS Secrets Manager store is planned work)"
+    )]
+    AwsNotBuilt,
+}
+
+/// Opens the store the config names.
+pub fn open(settings: &crate::config::StoreSettings) -> Result<std::sync::Arc<dyn Store>, OpenError> {
+    match settings {
+        crate::config::StoreSettings::File { dir } => Ok(std::sync::Arc::new(FileStore::new(dir.clone()))),
+        crate::config::StoreSettings::AwsSecretsManager(_) => Err(OpenError::AwsNotBuilt),
+    }
+}
