@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::clock::{rfc3339, Clock, SystemClock, Timestamp};
-use crate::config::{Config, ConfigError, KeysetPolicy, ParseContext, Problem, StoreSettings, SYSTEM_CONFIG_PATH};
+use crate::config::{
+    Config, ConfigError, KeysetPolicy, ParseContext, Problem, StoreSettings, SYSTEM_CONFIG_PATH,
+};
 use crate::daemon;
 use crate::document::{AuditEvent, KeyState};
 use crate::key::{Alg, CryptoKeys};
@@ -21,7 +23,11 @@ use crate::reconcile::{ReconcileError, Reconciler, Snapshot};
 use crate::store;
 
 #[derive(Debug, Parser)]
-#[command(name = "keyroll", version, about = "Automated JWT signing-key rotation")]
+#[command(
+    name = "keyroll",
+    version,
+    about = "Automated JWT signing-key rotation"
+)]
 pub struct Cli {
     /// Config file [default: $KEYROLL_CONFIG, else /etc/keyroll/keyroll.toml
     /// if it exists, else the embedded default]
@@ -119,7 +125,8 @@ impl Cli {
 
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> Result<(), CliError> {
-    logging::init(cli.log_format, cli.log_level.as_deref()).map_err(|e| CliError::Usage(e.to_string()))?;
+    logging::init(cli.log_format, cli.log_level.as_deref())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,7 +148,11 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Status { keyset, json } => status(&config, keyset.as_deref(), json).await,
         Command::Jwks { keyset } => jwks(&config, keyset.as_deref()).await,
         Command::Rotate { keyset, alg, now } => rotate(&config, keyset.as_deref(), alg, now).await,
-        Command::Revoke { keyset, kid, reason } => revoke(&config, &keyset, &kid, &reason).await,
+        Command::Revoke {
+            keyset,
+            kid,
+            reason,
+        } => revoke(&config, &keyset, &kid, &reason).await,
     }
 }
 
@@ -151,7 +162,9 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ConfigError> {
     let context = ParseContext::from_env(SystemClock.now());
     match explicit {
         Some(path) => Config::load(path, &context),
-        None if Path::new(SYSTEM_CONFIG_PATH).exists() => Config::load(Path::new(SYSTEM_CONFIG_PATH), &context),
+        None if Path::new(SYSTEM_CONFIG_PATH).exists() => {
+            Config::load(Path::new(SYSTEM_CONFIG_PATH), &context)
+        }
         None => Ok(Config::embedded(&context)),
     }
 }
@@ -184,11 +197,18 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
                 });
                 continue;
             }
-            let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let parent = file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             check(key, parent, &mut problems);
         }
         if let Some(dir) = &keyset.signing_dir {
-            check(format!("keysets[{}].signing_dir", keyset.name), dir, &mut problems);
+            check(
+                format!("keysets[{}].signing_dir", keyset.name),
+                dir,
+                &mut problems,
+            );
         }
     }
     if problems.is_empty() {
@@ -229,20 +249,28 @@ fn validate(config: &Config) -> Result<(), CliError> {
     out.push_str(&format!("config {} is valid\n", config.source));
     match &config.store {
         StoreSettings::File { dir } => out.push_str(&format!("store: file, {}\n", dir.display())),
-        StoreSettings::AwsSecretsManager(aws) => {
-            out.push_str(&format!("store: aws-secrets-manager, secrets {}<keyset>\n", aws.secret_prefix))
-        }
+        StoreSettings::AwsSecretsManager(aws) => out.push_str(&format!(
+            "store: aws-secrets-manager, secrets {}<keyset>\n",
+            aws.secret_prefix
+        )),
     }
     match config.http_listen {
         Some(addr) => out.push_str(&format!("http: {addr}\n")),
         None => out.push_str("http: off\n"),
     }
-    out.push_str(&format!("reconcile_interval: {}\n", show(config.reconcile_interval)));
+    out.push_str(&format!(
+        "reconcile_interval: {}\n",
+        show(config.reconcile_interval)
+    ));
     for k in &config.keysets {
         let t = &k.timings;
         let algs: Vec<&str> = k.algorithms.iter().map(|a| a.as_str()).collect();
         out.push_str(&format!("\nkeyset {}\n", k.name));
-        out.push_str(&format!("  algorithms: {} (RSA {} bits)\n", algs.join(", "), k.rsa_bits));
+        out.push_str(&format!(
+            "  algorithms: {} (RSA {} bits)\n",
+            algs.join(", "),
+            k.rsa_bits
+        ));
         out.push_str(&format!("  rotation: {}\n", k.schedule.describe()));
         out.push_str(&format!(
             "  token_ttl {}, jwks_cache_ttl {}, propagation {}, clock_skew {}\n",
@@ -292,7 +320,10 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), CliErro
 /// Completes on SIGTERM or SIGINT.
 async fn termination() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -305,15 +336,23 @@ async fn termination() {
 }
 
 fn reconciler(config: &Config) -> Result<Reconciler, CliError> {
-    Ok(Reconciler::new(store::open(&config.store)?, Arc::new(CryptoKeys), Arc::new(SystemClock)))
+    Ok(Reconciler::new(
+        store::open(&config.store)?,
+        Arc::new(CryptoKeys),
+        Arc::new(SystemClock),
+    ))
 }
 
 /// The named keyset, or the default one (`default`, or the only one).
 fn pick_keyset<'c>(config: &'c Config, name: Option<&str>) -> Result<&'c KeysetPolicy, CliError> {
     match name {
-        Some(name) => config.keyset(name).ok_or_else(|| unknown_keyset(config, name)),
+        Some(name) => config
+            .keyset(name)
+            .ok_or_else(|| unknown_keyset(config, name)),
         None => config.default_keyset().ok_or_else(|| {
-            CliError::Usage("name a keyset: there are several and none is called \"default\"".into())
+            CliError::Usage(
+                "name a keyset: there are several and none is called \"default\"".into(),
+            )
         }),
     }
 }
@@ -330,7 +369,9 @@ fn unknown_keyset(config: &Config, name: &str) -> CliError {
 /// The keysets a read-only command shows: the named one, or all.
 fn selected<'c>(config: &'c Config, name: Option<&str>) -> Result<Vec<&'c KeysetPolicy>, CliError> {
     match name {
-        Some(name) => Ok(vec![config.keyset(name).ok_or_else(|| unknown_keyset(config, name))?]),
+        Some(name) => Ok(vec![config
+            .keyset(name)
+            .ok_or_else(|| unknown_keyset(config, name))?]),
         None => Ok(config.keysets.iter().collect()),
     }
 }
@@ -375,8 +416,18 @@ struct KeysetStatus {
     store: String,
     bootstrapped: bool,
     next_rotation: Option<String>,
+    /// The next lifecycle event of any slot (a rotation, a removal, …).
+    next_event: Option<EventStatus>,
     slots: Vec<SlotStatus>,
     keys: Vec<KeyStatus>,
+}
+
+#[derive(Serialize)]
+struct EventStatus {
+    at: String,
+    event: &'static str,
+    alg: Alg,
+    kid: String,
 }
 
 #[derive(Serialize)]
@@ -398,7 +449,12 @@ struct KeyStatus {
     remove_at: Option<String>,
 }
 
-fn keyset_status(policy: &KeysetPolicy, snapshot: &Snapshot, location: String, now: Timestamp) -> KeysetStatus {
+fn keyset_status(
+    policy: &KeysetPolicy,
+    snapshot: &Snapshot,
+    location: String,
+    now: Timestamp,
+) -> KeysetStatus {
     let outlook = planner::plan(now, &snapshot.doc, policy, None)
         .map(|plan| plan.outlook)
         .unwrap_or_default();
@@ -418,12 +474,28 @@ fn keyset_status(policy: &KeysetPolicy, snapshot: &Snapshot, location: String, n
             remove_at: ts(k.remove_at),
         })
         .collect();
-    keys.sort_by(|a, b| (a.state != KeyState::Active, a.state, a.alg).cmp(&(b.state != KeyState::Active, b.state, b.alg)));
+    keys.sort_by(|a, b| {
+        (a.state != KeyState::Active, a.state, a.alg).cmp(&(
+            b.state != KeyState::Active,
+            b.state,
+            b.alg,
+        ))
+    });
+    let next_event = planner::upcoming(now, &snapshot.doc, policy, 1)
+        .into_iter()
+        .find(|e| e.at > now || snapshot.version.is_none())
+        .map(|e| EventStatus {
+            at: rfc3339(e.at),
+            event: e.event.log_name(),
+            alg: e.alg,
+            kid: e.kid,
+        });
     KeysetStatus {
         name: policy.name.clone(),
         store: location,
         bootstrapped: snapshot.version.is_some(),
         next_rotation: ts(outlook.iter().filter_map(|s| s.next_rotation).min()),
+        next_event,
         slots: outlook
             .iter()
             .map(|s| SlotStatus {
@@ -446,7 +518,8 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
         keysets.push(keyset_status(policy, &snapshot, location, now));
     }
     if json {
-        let text = serde_json::to_string_pretty(&StatusJson { keysets }).expect("status always serializes");
+        let text = serde_json::to_string_pretty(&StatusJson { keysets })
+            .expect("status always serializes");
         println!("{text}");
         return Ok(());
     }
@@ -454,7 +527,15 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
     for k in keysets {
         out.push_str(&format!("keyset {}  ({})\n", k.name, k.store));
         if !k.bootstrapped {
-            out.push_str("  not bootstrapped yet: `keyroll run` (or `keyroll rotate`) creates its keys\n");
+            out.push_str(
+                "  not bootstrapped yet: `keyroll run` (or `keyroll rotate`) creates its keys\n",
+            );
+        }
+        if let Some(e) = &k.next_event {
+            out.push_str(&format!(
+                "  next event: {} {} {} {}\n",
+                e.at, e.event, e.alg, e.kid
+            ));
         }
         for slot in &k.slots {
             let at = slot.next_rotation.as_deref().unwrap_or("never");
@@ -490,16 +571,30 @@ async fn jwks(config: &Config, keyset: Option<&str>) -> Result<(), CliError> {
             policy.name
         )));
     }
-    let jwks = publish::render(&snapshot.doc, &snapshot.jwks, policy.x5c, policy.timings.jwks_cache_ttl.as_secs());
+    let jwks = publish::render(
+        &snapshot.doc,
+        &snapshot.jwks,
+        policy.x5c,
+        policy.timings.jwks_cache_ttl.as_secs(),
+    );
     let mut stdout = std::io::stdout().lock();
-    let newline = if std::io::stdout().is_terminal() { &b"\n"[..] } else { b"" };
+    let newline = if std::io::stdout().is_terminal() {
+        &b"\n"[..]
+    } else {
+        b""
+    };
     stdout
         .write_all(&jwks.body)
         .and_then(|()| stdout.write_all(newline))
         .map_err(|e| CliError::Failure(format!("cannot write to stdout: {e}")))
 }
 
-async fn rotate(config: &Config, keyset: Option<&str>, alg: Option<Alg>, force: bool) -> Result<(), CliError> {
+async fn rotate(
+    config: &Config,
+    keyset: Option<&str>,
+    alg: Option<Alg>,
+    force: bool,
+) -> Result<(), CliError> {
     let policy = pick_keyset(config, keyset)?;
     let action = Action::Rotate { alg, force };
     let outcome = reconciler(config)?.reconcile(policy, Some(&action)).await?;
@@ -538,21 +633,36 @@ async fn rotate(config: &Config, keyset: Option<&str>, alg: Option<Alg>, force: 
 }
 
 async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Result<(), CliError> {
-    let policy = config.keyset(keyset).ok_or_else(|| unknown_keyset(config, keyset))?;
+    let policy = config
+        .keyset(keyset)
+        .ok_or_else(|| unknown_keyset(config, keyset))?;
     let action = Action::Revoke {
         kid: kid.to_string(),
         reason: reason.to_string(),
     };
-    let outcome = reconciler(config)?.reconcile(policy, Some(&action)).await.map_err(|e| match e {
-        ReconcileError::Plan(PlanError::UnknownKid { .. }) => CliError::Usage(e.to_string()),
-        other => other.into(),
-    })?;
+    let outcome = reconciler(config)?
+        .reconcile(policy, Some(&action))
+        .await
+        .map_err(|e| match e {
+            ReconcileError::Plan(PlanError::UnknownKid { .. }) => CliError::Usage(e.to_string()),
+            other => other.into(),
+        })?;
     for record in &outcome.committed {
         daemon::log_transition(&policy.name, record);
     }
-    println!("{}: revoked {kid}; it is gone from the JWKS and the store", policy.name);
-    for record in outcome.committed.iter().filter(|r| r.event == AuditEvent::Activated) {
-        println!("{}/{}: {} is now active", policy.name, record.alg, record.kid);
+    println!(
+        "{}: revoked {kid}; it is gone from the JWKS and the store",
+        policy.name
+    );
+    for record in outcome
+        .committed
+        .iter()
+        .filter(|r| r.event == AuditEvent::Activated)
+    {
+        println!(
+            "{}/{}: {} is now active",
+            policy.name, record.alg, record.kid
+        );
     }
     Ok(())
 }

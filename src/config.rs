@@ -59,7 +59,10 @@ impl ParseContext {
         let state_directory = std::env::var_os("STATE_DIRECTORY")
             .and_then(|v| std::env::split_paths(&v).next())
             .filter(|p| !p.as_os_str().is_empty());
-        ParseContext { state_directory, now }
+        ParseContext {
+            state_directory,
+            now,
+        }
     }
 }
 
@@ -260,23 +263,29 @@ fn show(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// Turns TOML's own error into a problem with a line: for a wrong type or an
-/// unknown key, serde names the key and TOML gives the span.
+/// Turns TOML's own error into a problem with a line and a key. serde's
+/// message names the key for an unknown field; for a wrong type it does not,
+/// so the key is read off the offending line (`key = value` or `[table]`).
 fn toml_problem(text: &str, error: &toml::de::Error) -> Problem {
-    let line = error
-        .span()
-        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-    let key = error
-        .message()
-        .split('`')
-        .nth(1)
-        .filter(|_| error.message().starts_with("unknown field"))
-        .unwrap_or("toml")
-        .to_string();
+    let start = error.span().map(|span| span.start.min(text.len()));
+    let line = start.map(|start| text[..start].matches('\n').count() + 1);
+    let line_text = line
+        .and_then(|n| text.lines().nth(n - 1))
+        .unwrap_or("")
+        .trim();
+    let message = error.message().trim().to_string();
+    let key = if message.starts_with("unknown field") {
+        message.split('`').nth(1).map(str::to_string)
+    } else if let Some((key, _)) = line_text.split_once('=') {
+        Some(key.trim().trim_matches('"').to_string())
+    } else {
+        let table = line_text.trim_start_matches('[').trim_end_matches(']');
+        (!table.is_empty() && table.len() < line_text.len()).then(|| table.to_string())
+    };
     Problem {
         line,
-        key,
-        message: error.message().trim().to_string(),
+        key: key.unwrap_or_else(|| "toml".to_string()),
+        message,
     }
 }
 
@@ -300,12 +309,17 @@ impl Config {
             .expect("the embedded default config is valid (tested)")
     }
 
-    pub fn parse(text: &str, source: ConfigSource, context: &ParseContext) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        source: ConfigSource,
+        context: &ParseContext,
+    ) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             source_name: source.to_string(),
             problems,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| fail(vec![toml_problem(text, &e)]))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| fail(vec![toml_problem(text, &e)]))?;
         let mut checker = Checker {
             text,
             problems: Vec::new(),
@@ -346,17 +360,19 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
             .unwrap_or_else(|| PathBuf::from("keyroll-state")),
     };
     let store = build_store(raw.store, &state_dir, c);
-    let http_listen = raw.http.and_then(|http| match http.listen.get_ref().parse() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            let message = format!(
-                "{:?} is not an address to listen on (like 127.0.0.1:8080 or [::]:8080)",
-                http.listen.get_ref()
-            );
-            c.problem(Some(&http.listen), "http.listen", message);
-            None
-        }
-    });
+    let http_listen = raw
+        .http
+        .and_then(|http| match http.listen.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                let message = format!(
+                    "{:?} is not an address to listen on (like 127.0.0.1:8080 or [::]:8080)",
+                    http.listen.get_ref()
+                );
+                c.problem(Some(&http.listen), "http.listen", message);
+                None
+            }
+        });
     let mut warnings = Vec::new();
     let mut keysets = Vec::new();
     match raw.keysets {
@@ -365,11 +381,13 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
             let mut seen = BTreeSet::new();
             for raw_keyset in list.into_inner() {
                 if !seen.insert(raw_keyset.name.get_ref().clone()) {
-                    let message = format!("keyset {:?} is defined twice", raw_keyset.name.get_ref());
+                    let message =
+                        format!("keyset {:?} is defined twice", raw_keyset.name.get_ref());
                     c.problem(Some(&raw_keyset.name), "keysets.name", message);
                     continue;
                 }
-                let policy = build_keyset(raw_keyset, reconcile_interval, context, c, &mut warnings);
+                let policy =
+                    build_keyset(raw_keyset, reconcile_interval, context, c, &mut warnings);
                 keysets.push(policy);
             }
         }
@@ -408,13 +426,35 @@ fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> Stor
     match raw.kind.get_ref().as_str() {
         "file" => {
             let text = c.text;
-            misplaced(raw.secret_prefix.is_some(), line(&raw.secret_prefix, text), "secret_prefix", "file");
-            misplaced(raw.region.is_some(), line(&raw.region, text), "region", "file");
-            misplaced(raw.endpoint_url.is_some(), line(&raw.endpoint_url, text), "endpoint_url", "file");
-            misplaced(raw.kms_key_id.is_some(), line(&raw.kms_key_id, text), "kms_key_id", "file");
+            misplaced(
+                raw.secret_prefix.is_some(),
+                line(&raw.secret_prefix, text),
+                "secret_prefix",
+                "file",
+            );
+            misplaced(
+                raw.region.is_some(),
+                line(&raw.region, text),
+                "region",
+                "file",
+            );
+            misplaced(
+                raw.endpoint_url.is_some(),
+                line(&raw.endpoint_url, text),
+                "endpoint_url",
+                "file",
+            );
+            misplaced(
+                raw.kms_key_id.is_some(),
+                line(&raw.kms_key_id, text),
+                "kms_key_id",
+                "file",
+            );
             misplaced(raw.tags.is_some(), None, "tags", "file");
             match raw.dir {
-                Some(dir) => StoreSettings::File { dir: dir.into_inner() },
+                Some(dir) => StoreSettings::File {
+                    dir: dir.into_inner(),
+                },
                 None => default_file(),
             }
         }
@@ -433,7 +473,9 @@ fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> Stor
             })
         }
         other => {
-            let message = format!("unknown store type {other:?} (expected \"file\" or \"aws-secrets-manager\")");
+            let message = format!(
+                "unknown store type {other:?} (expected \"file\" or \"aws-secrets-manager\")"
+            );
             c.problem(Some(&raw.kind), "store.type", message);
             default_file()
         }
@@ -468,7 +510,10 @@ fn build_keyset(
         None => DEFAULT_RSA_BITS,
         Some(bits) => {
             let value = *bits.get_ref();
-            match u32::try_from(value).ok().filter(|b| RSA_BITS_ALLOWED.contains(b)) {
+            match u32::try_from(value)
+                .ok()
+                .filter(|b| RSA_BITS_ALLOWED.contains(b))
+            {
                 Some(b) => b,
                 None => {
                     let why = if value < 2048 {
@@ -486,7 +531,11 @@ fn build_keyset(
 
     let propagation_default = reconcile_interval * 2;
     let timings = Timings {
-        token_ttl: c.positive_duration(raw.token_ttl.as_ref(), &key("token_ttl"), DEFAULT_TOKEN_TTL),
+        token_ttl: c.positive_duration(
+            raw.token_ttl.as_ref(),
+            &key("token_ttl"),
+            DEFAULT_TOKEN_TTL,
+        ),
         jwks_cache_ttl: c
             .duration(raw.jwks_cache_ttl.as_ref(), &key("jwks_cache_ttl"))
             .unwrap_or(DEFAULT_JWKS_CACHE_TTL),
@@ -554,7 +603,11 @@ fn build_schedule(
     let default = Schedule::Every(DEFAULT_ROTATE_EVERY);
     let (schedule, field, span) = match (&raw.rotate, &raw.rotate_every) {
         (Some(cron), Some(_)) => {
-            c.problem(Some(cron), &key("rotate"), "set either rotate (cron) or rotate_every (period), not both");
+            c.problem(
+                Some(cron),
+                &key("rotate"),
+                "set either rotate (cron) or rotate_every (period), not both",
+            );
             return default;
         }
         (Some(cron), None) => match Schedule::cron(cron.get_ref()) {
@@ -632,9 +685,14 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = parse("reconcile_interval = \"30s\"\n[[keysets]]\nname = \"a\"\ntoken_tll = \"1h\"\n").unwrap_err();
+        let err =
+            parse("reconcile_interval = \"30s\"\n[[keysets]]\nname = \"a\"\ntoken_tll = \"1h\"\n")
+                .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("token_tll") && text.contains("line 4"), "{text}");
+        assert!(
+            text.contains("token_tll") && text.contains("line 4"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -655,9 +713,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.problems.len(), 5, "{err}");
         let text = err.to_string();
-        for needle in ["line 2", "line 3", "line 4", "line 5", "line 6", "HS256", "1024", "soon", "nope"] {
+        for needle in [
+            "line 2", "line 3", "line 4", "line 5", "line 6", "HS256", "1024", "soon", "nope",
+        ] {
             assert!(text.contains(needle), "{needle} missing in {text}");
         }
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_line() {
+        let err = parse("[[keysets]]\nname = \"a\"\nrsa_bits = \"big\"\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "rsa_bits", "{err}");
+        assert_eq!(err.problems[0].line, Some(3), "{err}");
+        let err = parse("[[keysets]]\nname = \"a\"\nx5c = \"yes\"\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "x5c", "{err}");
     }
 
     #[test]
@@ -671,7 +740,9 @@ mod tests {
 
     #[test]
     fn store_settings_of_the_other_type_are_refused() {
-        let err = parse("[store]\ntype = \"file\"\nsecret_prefix = \"x/\"\n[[keysets]]\nname = \"a\"\n").unwrap_err();
+        let err =
+            parse("[store]\ntype = \"file\"\nsecret_prefix = \"x/\"\n[[keysets]]\nname = \"a\"\n")
+                .unwrap_err();
         assert!(err.to_string().contains("store.secret_prefix"), "{err}");
     }
 }

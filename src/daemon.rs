@@ -26,6 +26,8 @@ use crate::store::{self, StoreError};
 
 /// The longest wait between retries of a failing keyset.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often an idle daemon checks whether another writer changed a document.
+const CHANGE_POLL: Duration = Duration::from_millis(500);
 /// How long in-flight HTTP requests get once shutdown starts.
 const HTTP_DRAIN: Duration = Duration::from_secs(3);
 
@@ -34,7 +36,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] store::OpenError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -104,6 +109,9 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
     tokio::pin!(shutdown);
     let mut ready_sent = false;
     loop {
+        // Taken before the pass, so that a write landing during the pass is
+        // not missed; our own writes then cost one extra (idle) pass.
+        let seen = daemon.fingerprints().await;
         let wake = tokio::select! {
             biased;
             _ = &mut shutdown => break,
@@ -119,6 +127,9 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
             _ = &mut shutdown => break,
             _ = hangups.recv() => daemon.reload(),
             _ = tokio::time::sleep_until(wake) => {}
+            keyset = store_changed(daemon.reconciler.store().clone(), &seen) => {
+                tracing::debug!(%keyset, "stored document changed; reconciling now");
+            }
         }
     }
 
@@ -126,7 +137,10 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
     notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_http.send(true);
     if let Some(http) = http {
-        if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), http).await.is_err() {
+        if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), http)
+            .await
+            .is_err()
+        {
             tracing::warn!("HTTP connections still open at shutdown were dropped");
         }
     }
@@ -243,9 +257,19 @@ impl Daemon {
         }
         self.config = config;
         self.failures.clear();
-        self.outlook.retain(|name, _| self.config.keyset(name).is_some());
+        self.outlook
+            .retain(|name, _| self.config.keyset(name).is_some());
         self.apply_config_to_served();
         tracing::info!(config = %self.config.source, "config reloaded");
+    }
+
+    async fn fingerprints(&self) -> Vec<(String, Option<String>)> {
+        let mut seen = Vec::with_capacity(self.config.keysets.len());
+        for policy in &self.config.keysets {
+            let fingerprint = self.reconciler.store().fingerprint(&policy.name).await;
+            seen.push((policy.name.clone(), fingerprint));
+        }
+        seen
     }
 
     /// Reconciles and publishes every keyset; returns when to run again.
@@ -262,8 +286,10 @@ impl Daemon {
                     self.after_commit(policy, &outcome);
                     self.publish(policy, &outcome.snapshot).await;
                     let now = self.clock.now();
-                    self.metrics.observe_keyset(&outcome.snapshot.doc, &outcome.plan.outlook, now);
-                    self.outlook.insert(policy.name.clone(), outcome.plan.outlook.clone());
+                    self.metrics
+                        .observe_keyset(&outcome.snapshot.doc, &outcome.plan.outlook, now);
+                    self.outlook
+                        .insert(policy.name.clone(), outcome.plan.outlook.clone());
                     outcome.plan.wake_at.map(|at| until(now, at))
                 }
                 Err(e) => Some(self.failed(policy, &e)),
@@ -278,7 +304,8 @@ impl Daemon {
 
     fn after_commit(&self, policy: &KeysetPolicy, outcome: &Outcome) {
         if outcome.conflicts > 0 {
-            self.metrics.store_conflicts(&policy.name, outcome.conflicts);
+            self.metrics
+                .store_conflicts(&policy.name, outcome.conflicts);
         }
         for record in &outcome.committed {
             log_transition(&policy.name, record);
@@ -288,7 +315,8 @@ impl Daemon {
                     Trigger::Schedule | Trigger::Manual | Trigger::Forced | Trigger::Revoke
                 );
             if counts_as_rotation {
-                self.metrics.rotation(&policy.name, record.alg, record.trigger);
+                self.metrics
+                    .rotation(&policy.name, record.alg, record.trigger);
             }
         }
         for warning in &outcome.plan.warnings {
@@ -307,7 +335,8 @@ impl Daemon {
         self.metrics.reconcile_error(&policy.name);
         let serving = self.served.load().keysets.contains_key(&policy.name);
         match error {
-            ReconcileError::Store(StoreError::Unavailable { .. }) | ReconcileError::Contention { .. } => {
+            ReconcileError::Store(StoreError::Unavailable { .. })
+            | ReconcileError::Contention { .. } => {
                 tracing::warn!(
                     keyset = %policy.name, error = %error, retry_in = ?backoff, serving_last_jwks = serving,
                     "store unreachable: keeping the last published JWKS, removing nothing"
@@ -325,7 +354,12 @@ impl Daemon {
 
     async fn publish(&self, policy: &KeysetPolicy, snapshot: &Snapshot) {
         let max_age = policy.timings.jwks_cache_ttl.as_secs();
-        let jwks = Arc::new(publish::render(&snapshot.doc, &snapshot.jwks, policy.x5c, max_age));
+        let jwks = Arc::new(publish::render(
+            &snapshot.doc,
+            &snapshot.jwks,
+            policy.x5c,
+            max_age,
+        ));
         let changed = self
             .served
             .load()
@@ -387,6 +421,23 @@ impl Daemon {
             None => "no rotation scheduled".to_string(),
         };
         notify(&[sd_notify::NotifyState::Status(&status)]);
+    }
+}
+
+/// Completes (with the keyset's name) once a document's fingerprint differs
+/// from `seen`; never, if the store cannot tell.
+async fn store_changed(store: Arc<dyn store::Store>, seen: &[(String, Option<String>)]) -> String {
+    if seen.iter().all(|(_, fingerprint)| fingerprint.is_none()) {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(CHANGE_POLL);
+    loop {
+        tick.tick().await;
+        for (keyset, before) in seen {
+            if before.is_some() && store.fingerprint(keyset).await != *before {
+                return keyset.clone();
+            }
+        }
     }
 }
 

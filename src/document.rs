@@ -348,9 +348,12 @@ mod tests {
 
     #[test]
     fn unknown_schema_is_named() {
-        let err = KeysetDoc::parse(r#"{"schema_version": 7}"#, "default", "/x/default.json")
-            .unwrap_err();
+        let err =
+            KeysetDoc::parse(r#"{"schema_version": 7}"#, "default", "/x/default.json").unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/x/default.json") && text.contains("schema version 7"), "{text}");
+        assert!(
+            text.contains("/x/default.json") && text.contains("schema version 7"),
+            "{text}"
+        );
     }
 }

@@ -93,7 +93,11 @@ impl Metrics {
             "When the next key will be activated (Unix time)",
             next_rotation.clone(),
         );
-        registry.register("rotations", "Key activations, by trigger", rotations.clone());
+        registry.register(
+            "rotations",
+            "Key activations, by trigger",
+            rotations.clone(),
+        );
         registry.register(
             "reconcile_errors",
             "Failed reconciles (store, document or publish errors)",
@@ -147,7 +151,11 @@ impl Metrics {
         let mut activations = self.activations.lock().unwrap_or_else(|e| e.into_inner());
         for alg in Alg::ALL {
             for state in [KeyState::Next, KeyState::Active, KeyState::Retired] {
-                let count = doc.keys.iter().filter(|k| k.alg == alg && k.state == state).count();
+                let count = doc
+                    .keys
+                    .iter()
+                    .filter(|k| k.alg == alg && k.state == state)
+                    .count();
                 let labels = KeyLabels {
                     keyset: name.clone(),
                     alg: alg.to_string(),
@@ -166,8 +174,14 @@ impl Metrics {
             }
         }
         for slot in outlook {
-            let gauge = self.next_rotation.get_or_create(&Self::slot(name, slot.alg));
-            gauge.set(slot.next_rotation.map(|t| t.timestamp() as f64).unwrap_or(f64::NAN));
+            let gauge = self
+                .next_rotation
+                .get_or_create(&Self::slot(name, slot.alg));
+            gauge.set(
+                slot.next_rotation
+                    .map(|t| t.timestamp() as f64)
+                    .unwrap_or(f64::NAN),
+            );
         }
         self.last_success
             .get_or_create(&Self::keyset(name))
@@ -184,7 +198,9 @@ impl Metrics {
     }
 
     pub fn reconcile_error(&self, keyset: &str) {
-        self.reconcile_errors.get_or_create(&Self::keyset(keyset)).inc();
+        self.reconcile_errors
+            .get_or_create(&Self::keyset(keyset))
+            .inc();
     }
 
     pub fn store_conflicts(&self, keyset: &str, count: u32) {
@@ -214,7 +230,9 @@ impl Metrics {
             let activations = self.activations.lock().unwrap_or_else(|e| e.into_inner());
             for ((keyset, alg), at) in activations.iter() {
                 let age = (now - *at).num_seconds().max(0) as f64;
-                self.active_key_age.get_or_create(&Self::slot(keyset, *alg)).set(age);
+                self.active_key_age
+                    .get_or_create(&Self::slot(keyset, *alg))
+                    .set(age);
             }
         }
         let mut out = String::new();

@@ -26,14 +26,33 @@ pub enum Action {
 /// One transition. Steps name existing keys by kid; new keys are `Create`d.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    Create { alg: Alg, state: KeyState, trigger: Trigger },
-    Activate { kid: String, trigger: Trigger },
-    Retire { kid: String, trigger: Trigger },
-    Remove { kid: String },
-    Revoke { kid: String, reason: String },
+    Create {
+        alg: Alg,
+        state: KeyState,
+        trigger: Trigger,
+    },
+    Activate {
+        kid: String,
+        trigger: Trigger,
+    },
+    Retire {
+        kid: String,
+        trigger: Trigger,
+    },
+    Remove {
+        kid: String,
+    },
+    Revoke {
+        kid: String,
+        reason: String,
+    },
     /// Remember a `rotate` that must wait for `publish_lead`.
-    RequestRotation { alg: Alg },
-    ClearRequest { alg: Alg },
+    RequestRotation {
+        alg: Alg,
+    },
+    ClearRequest {
+        alg: Alg,
+    },
 }
 
 /// What a slot is waiting for; shown by `status` and the systemd STATUS=.
@@ -160,6 +179,15 @@ impl Planner<'_> {
             kid: active.kid.clone(),
             trigger,
         });
+        self.replenish(alg);
+        self.wake
+            .push(after(self.now, self.policy.timings.retire_grace()));
+        self.outlook_after_rotation(alg);
+    }
+
+    /// A new `next` key after the old one was activated; any waiting
+    /// `rotate` request is thereby done.
+    fn replenish(&mut self, alg: Alg) {
         self.steps.push(Step::Create {
             alg,
             state: KeyState::Next,
@@ -168,8 +196,6 @@ impl Planner<'_> {
         if self.doc.pending_rotations.contains_key(&alg) {
             self.steps.push(Step::ClearRequest { alg });
         }
-        self.wake.push(after(self.now, self.policy.timings.retire_grace()));
-        self.outlook_after_rotation(alg);
     }
 
     /// After a rotation the new `next` key is published now; it can be
@@ -207,15 +233,15 @@ impl Planner<'_> {
     }
 
     fn revoke(&mut self, kid: &str, reason: &str) -> Result<(), PlanError> {
-        let key = self
-            .doc
-            .keys
-            .iter()
-            .find(|k| k.kid == kid)
-            .ok_or_else(|| PlanError::UnknownKid {
-                keyset: self.doc.keyset.clone(),
-                kid: kid.to_string(),
-            })?;
+        let key =
+            self.doc
+                .keys
+                .iter()
+                .find(|k| k.kid == kid)
+                .ok_or_else(|| PlanError::UnknownKid {
+                    keyset: self.doc.keyset.clone(),
+                    kid: kid.to_string(),
+                })?;
         self.steps.push(Step::Revoke {
             kid: kid.to_string(),
             reason: reason.to_string(),
@@ -240,14 +266,7 @@ impl Planner<'_> {
                         trigger: Trigger::Revoke,
                     }),
                 }
-                self.steps.push(Step::Create {
-                    alg,
-                    state: KeyState::Next,
-                    trigger: Trigger::Replenish,
-                });
-                if self.doc.pending_rotations.contains_key(&alg) {
-                    self.steps.push(Step::ClearRequest { alg });
-                }
+                self.replenish(alg);
                 self.settled.insert(alg);
                 self.outlook_after_rotation(alg);
             }
@@ -270,7 +289,8 @@ impl Planner<'_> {
     fn manual_rotate(&mut self, alg: Option<Alg>, force: bool) -> Result<(), PlanError> {
         let targets = match alg {
             Some(alg) if !self.configured(alg) => {
-                let configured: Vec<&str> = self.policy.algorithms.iter().map(|a| a.as_str()).collect();
+                let configured: Vec<&str> =
+                    self.policy.algorithms.iter().map(|a| a.as_str()).collect();
                 return Err(PlanError::AlgNotConfigured {
                     keyset: self.doc.keyset.clone(),
                     alg,
@@ -300,7 +320,11 @@ impl Planner<'_> {
                 ));
             }
             if force || self.now >= ready {
-                let trigger = if force { Trigger::Forced } else { Trigger::Manual };
+                let trigger = if force {
+                    Trigger::Forced
+                } else {
+                    Trigger::Manual
+                };
                 self.rotate(active, next, trigger);
                 self.settled.insert(alg);
             } else if !self.doc.pending_rotations.contains_key(&alg) {
@@ -395,12 +419,16 @@ impl Planner<'_> {
     /// their grace period like any retired key (SPEC §1).
     fn unconfigured(&mut self) {
         for key in &self.doc.keys {
-            if !self.configured(key.alg) && key.state != KeyState::Retired && !self.gone.contains(&key.kid) {
+            if !self.configured(key.alg)
+                && key.state != KeyState::Retired
+                && !self.gone.contains(&key.kid)
+            {
                 self.steps.push(Step::Retire {
                     kid: key.kid.clone(),
                     trigger: Trigger::ConfigRemoved,
                 });
-                self.wake.push(after(self.now, self.policy.timings.retire_grace()));
+                self.wake
+                    .push(after(self.now, self.policy.timings.retire_grace()));
             }
         }
         for alg in self.doc.pending_rotations.keys() {
@@ -418,7 +446,9 @@ impl Planner<'_> {
             // A retired key always has remove_at (checked when parsed).
             let remove_at = key.remove_at.unwrap_or(self.now);
             if self.now >= remove_at {
-                self.steps.push(Step::Remove { kid: key.kid.clone() });
+                self.steps.push(Step::Remove {
+                    kid: key.kid.clone(),
+                });
             } else {
                 self.wake.push(remove_at);
             }
@@ -452,7 +482,11 @@ pub fn apply<E>(
     };
     for step in &plan.steps {
         match step {
-            Step::Create { alg, state, trigger } => {
+            Step::Create {
+                alg,
+                state,
+                trigger,
+            } => {
                 let fresh = new_key(*alg)?;
                 let key = StoredKey {
                     kid: fresh.kid,
@@ -528,7 +562,9 @@ pub fn upcoming(
     // Every iteration makes at least one event or moves time forward to a
     // wake-up that makes one; the bound only guards against a bug.
     for _ in 0..(per_slot * slots * 8 + 16) {
-        let Ok(plan) = plan(at, &doc, policy, None) else { break };
+        let Ok(plan) = plan(at, &doc, policy, None) else {
+            break;
+        };
         let mut placeholder = |alg: Alg| -> Result<NewKey, ()> {
             made += 1;
             Ok(NewKey {
@@ -538,7 +574,9 @@ pub fn upcoming(
                 certificate: String::new(),
             })
         };
-        let Ok(records) = apply(&mut doc, &plan, policy, &mut placeholder) else { break };
+        let Ok(records) = apply(&mut doc, &plan, policy, &mut placeholder) else {
+            break;
+        };
         events.extend(records);
         let enough = policy
             .algorithms
@@ -551,7 +589,13 @@ pub fn upcoming(
     }
     let mut kept: Vec<AuditRecord> = Vec::new();
     for alg in Alg::ALL {
-        kept.extend(events.iter().filter(|e| e.alg == alg).take(per_slot).cloned());
+        kept.extend(
+            events
+                .iter()
+                .filter(|e| e.alg == alg)
+                .take(per_slot)
+                .cloned(),
+        );
     }
     kept.sort_by(|a, b| (a.at, a.alg).cmp(&(b.at, b.alg)));
     kept

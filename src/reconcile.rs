@@ -140,7 +140,11 @@ impl Reconciler {
             }
             let (doc, committed, fresh_jwks) = self.carry_out(policy, &snapshot.doc, &plan).await?;
             let text = doc.to_json();
-            match self.store.save(&policy.name, &text, snapshot.version.as_ref()).await {
+            match self
+                .store
+                .save(&policy.name, &text, snapshot.version.as_ref())
+                .await
+            {
                 Ok(version) => {
                     let jwks = self.jwks_after(&snapshot, &doc, fresh_jwks)?;
                     self.remember(&policy.name, &version, &jwks);
@@ -192,7 +196,10 @@ impl Reconciler {
         let mut doc = doc.clone();
         let keys = self.keys.clone();
         let committed = planner::apply(&mut doc, plan, policy, &mut |alg| {
-            let key = fresh.pop().filter(|k| k.alg == alg).ok_or(KeyError::Generation { alg })?;
+            let key = fresh
+                .pop()
+                .filter(|k| k.alg == alg)
+                .ok_or(KeyError::Generation { alg })?;
             fresh_jwks.push(keys.public_jwk(alg, &key.private_key_pem)?);
             Ok::<NewKey, KeyError>(key)
         })
@@ -252,12 +259,13 @@ impl Reconciler {
         doc.keys
             .iter()
             .map(|key| {
-                known.get(key.kid.as_str()).map(|jwk| (*jwk).clone()).ok_or_else(|| {
-                    ReconcileError::Key {
+                known
+                    .get(key.kid.as_str())
+                    .map(|jwk| (*jwk).clone())
+                    .ok_or_else(|| ReconcileError::Key {
                         keyset: doc.keyset.clone(),
                         source: KeyError::Generation { alg: key.alg },
-                    }
-                })
+                    })
             })
             .collect()
     }

@@ -71,7 +71,10 @@ mod tests {
         let monday_3am = chrono::Utc.with_ymd_and_hms(2026, 11, 23, 3, 0, 0).unwrap();
         let next = s.next_after(monday_3am).unwrap();
         assert_eq!(next, monday_3am + chrono::Duration::days(7));
-        assert_eq!(s.shortest_gap(monday_3am), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(
+            s.shortest_gap(monday_3am),
+            Some(Duration::from_secs(7 * 86400))
+        );
     }
 
     #[test]

@@ -45,42 +45,60 @@ pub struct PublicJwk {
 }
 
 impl PublicJwk {
+    /// An RSA public key from its base64url modulus and exponent; the kid
+    /// is the RFC 7638 thumbprint.
+    pub fn rsa(n: String, e: String) -> Self {
+        Self::with_thumbprint(PublicJwk {
+            kty: "RSA",
+            use_: "sig",
+            alg: Alg::RS256,
+            kid: String::new(),
+            crv: None,
+            x: None,
+            y: None,
+            n: Some(n),
+            e: Some(e),
+            x5c: None,
+            x5t_s256: None,
+        })
+    }
+
+    /// A P-256 public key from its base64url coordinates.
+    pub fn ec(x: String, y: String) -> Self {
+        Self::with_thumbprint(PublicJwk {
+            kty: "EC",
+            use_: "sig",
+            alg: Alg::ES256,
+            kid: String::new(),
+            crv: Some("P-256"),
+            x: Some(x),
+            y: Some(y),
+            n: None,
+            e: None,
+            x5c: None,
+            x5t_s256: None,
+        })
+    }
+
+    fn with_thumbprint(mut jwk: PublicJwk) -> Self {
+        jwk.kid = thumbprint(&jwk);
+        jwk
+    }
+
     pub fn from_private(key: &PrivateKey) -> Self {
-        let mut jwk = match key {
-            PrivateKey::Rsa(key) => PublicJwk {
-                kty: "RSA",
-                use_: "sig",
-                alg: Alg::RS256,
-                kid: String::new(),
-                crv: None,
-                x: None,
-                y: None,
-                n: Some(b64url(&key.n().to_bytes_be())),
-                e: Some(b64url(&key.e().to_bytes_be())),
-                x5c: None,
-                x5t_s256: None,
-            },
+        match key {
+            PrivateKey::Rsa(key) => PublicJwk::rsa(
+                b64url(&key.n().to_bytes_be()),
+                b64url(&key.e().to_bytes_be()),
+            ),
             PrivateKey::Ec(key) => {
                 let point = key.public_key().to_encoded_point(false);
                 // An uncompressed point always has both coordinates.
-                let coordinate = |c: Option<&p256::FieldBytes>| c.map(|c| b64url(c));
-                PublicJwk {
-                    kty: "EC",
-                    use_: "sig",
-                    alg: Alg::ES256,
-                    kid: String::new(),
-                    crv: Some("P-256"),
-                    x: coordinate(point.x()),
-                    y: coordinate(point.y()),
-                    n: None,
-                    e: None,
-                    x5c: None,
-                    x5t_s256: None,
-                }
+                let coordinate =
+                    |c: Option<&p256::FieldBytes>| c.map(|c| b64url(c)).unwrap_or_default();
+                PublicJwk::ec(coordinate(point.x()), coordinate(point.y()))
             }
-        };
-        jwk.kid = thumbprint(&jwk);
-        jwk
+        }
     }
 
     /// Attaches the certificate (base64 DER) as `x5c` and its `x5t#S256`.
@@ -178,19 +196,7 @@ mod tests {
     /// RFC 7638 §3.1: the worked example's thumbprint.
     #[test]
     fn rfc7638_example_thumbprint() {
-        let jwk = PublicJwk {
-            kty: "RSA",
-            use_: "sig",
-            alg: Alg::RS256,
-            kid: String::new(),
-            crv: None,
-            x: None,
-            y: None,
-            n: Some("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw".into()),
-            e: Some("AQAB".into()),
-            x5c: None,
-            x5t_s256: None,
-        };
-        assert_eq!(thumbprint(&jwk), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+        let jwk = PublicJwk::rsa("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw".into(), "AQAB".into());
+        assert_eq!(jwk.kid, "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
     }
 }

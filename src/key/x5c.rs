@@ -33,7 +33,8 @@ pub(super) fn self_signed(
     };
     // rcgen errors describe the failure, never the key bytes.
     let cert_error = |e: rcgen::Error| KeyError::Certificate(e.to_string());
-    let key_pair = KeyPair::from_pkcs8_pem_and_sign_algo(pem.expose(), sign_algo).map_err(cert_error)?;
+    let key_pair =
+        KeyPair::from_pkcs8_pem_and_sign_algo(pem.expose(), sign_algo).map_err(cert_error)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, subject);

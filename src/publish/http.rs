@@ -81,7 +81,11 @@ async fn keyset_jwks(
     State(app): State<AppState>,
 ) -> Response {
     let served = app.served.load();
-    jwks_response(&method, &headers, served.keysets.get(&name).map(|j| j.as_ref()))
+    jwks_response(
+        &method,
+        &headers,
+        served.keysets.get(&name).map(|j| j.as_ref()),
+    )
 }
 
 /// RFC 9110 §13.1.2: `If-None-Match` uses the weak comparison, so `W/"x"`
@@ -89,9 +93,9 @@ async fn keyset_jwks(
 fn none_match(headers: &HeaderMap, etag: &str) -> bool {
     headers.get_all(header::IF_NONE_MATCH).iter().any(|value| {
         value.to_str().is_ok_and(|list| {
-            list.split(',').map(str::trim).any(|tag| {
-                tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag
-            })
+            list.split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
         })
     })
 }
@@ -129,7 +133,12 @@ async fn healthz(method: Method) -> Response {
     if !readable(&method) {
         return not_found();
     }
-    text(&method, StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+    text(
+        &method,
+        StatusCode::OK,
+        "text/plain; charset=utf-8",
+        "ok\n".into(),
+    )
 }
 
 async fn readyz(method: Method, State(app): State<AppState>) -> Response {
@@ -144,10 +153,23 @@ async fn readyz(method: Method, State(app): State<AppState>) -> Response {
         .map(String::as_str)
         .collect();
     if missing.is_empty() {
-        text(&method, StatusCode::OK, "text/plain; charset=utf-8", "ready\n".into())
+        text(
+            &method,
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "ready\n".into(),
+        )
     } else {
-        let body = format!("not ready: keysets not yet published: {}\n", missing.join(", "));
-        text(&method, StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", body)
+        let body = format!(
+            "not ready: keysets not yet published: {}\n",
+            missing.join(", ")
+        );
+        text(
+            &method,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            body,
+        )
     }
 }
 

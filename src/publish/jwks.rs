@@ -34,7 +34,12 @@ fn state_rank(state: KeyState) -> u8 {
 
 /// Renders the JWKS of `doc` (`jwks` aligned with `doc.keys`): active, then
 /// next, then retired keys; within a state by alg, then kid (SPEC §2).
-pub fn render(doc: &KeysetDoc, jwks: &[PublicJwk], x5c: bool, max_age_seconds: u64) -> JwksDocument {
+pub fn render(
+    doc: &KeysetDoc,
+    jwks: &[PublicJwk],
+    x5c: bool,
+    max_age_seconds: u64,
+) -> JwksDocument {
     let mut entries: Vec<(u8, &str, &str, PublicJwk)> = doc
         .keys
         .iter()
@@ -45,7 +50,12 @@ pub fn render(doc: &KeysetDoc, jwks: &[PublicJwk], x5c: bool, max_age_seconds: u
             } else {
                 jwk.clone()
             };
-            (state_rank(key.state), key.alg.as_str(), key.kid.as_str(), jwk)
+            (
+                state_rank(key.state),
+                key.alg.as_str(),
+                key.kid.as_str(),
+                jwk,
+            )
         })
         .collect();
     entries.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
@@ -53,7 +63,10 @@ pub fn render(doc: &KeysetDoc, jwks: &[PublicJwk], x5c: bool, max_age_seconds: u
         keys: entries.iter().map(|entry| &entry.3).collect(),
     };
     let body = serde_json::to_vec(&set).expect("a JWKS always serializes");
-    let etag = format!("\"{}\"", URL_SAFE_NO_PAD.encode(&Sha256::digest(&body)[..18]));
+    let etag = format!(
+        "\"{}\"",
+        URL_SAFE_NO_PAD.encode(&Sha256::digest(&body)[..18])
+    );
     JwksDocument {
         body: body.into(),
         etag,

@@ -28,7 +28,9 @@ pub struct Served {
 
 impl Served {
     pub fn ready(&self) -> bool {
-        self.expected.iter().all(|name| self.keysets.contains_key(name))
+        self.expected
+            .iter()
+            .all(|name| self.keysets.contains_key(name))
     }
 }
 

@@ -19,7 +19,11 @@ pub enum OutputError {
     #[error("cannot write {path}: {source}")]
     Io { path: String, source: io::Error },
     #[error("cannot read the active {alg} key for {path}: {source}")]
-    Key { path: String, alg: Alg, source: KeyError },
+    Key {
+        path: String,
+        alg: Alg,
+        source: KeyError,
+    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
@@ -64,18 +68,24 @@ pub fn write_signing_dir(dir: &Path, doc: &KeysetDoc) -> Result<bool, OutputErro
             }
             continue;
         };
-        let parsed = PrivateKey::from_pem(alg, &key.private_key_pem).map_err(|source| OutputError::Key {
-            path: pem_path.display().to_string(),
-            alg,
-            source,
-        })?;
+        let parsed =
+            PrivateKey::from_pem(alg, &key.private_key_pem).map_err(|source| OutputError::Key {
+                path: pem_path.display().to_string(),
+                alg,
+                source,
+            })?;
         private_jwks.push(PrivateJwk::from_private(&parsed));
-        changed |= fsutil::write_if_changed(&pem_path, key.private_key_pem.expose().as_bytes(), 0o600)
-            .map_err(io_error(&pem_path))?;
-        changed |= fsutil::write_if_changed(&kid_path, key.kid.as_bytes(), 0o600).map_err(io_error(&kid_path))?;
+        changed |=
+            fsutil::write_if_changed(&pem_path, key.private_key_pem.expose().as_bytes(), 0o600)
+                .map_err(io_error(&pem_path))?;
+        changed |= fsutil::write_if_changed(&kid_path, key.kid.as_bytes(), 0o600)
+            .map_err(io_error(&kid_path))?;
     }
     let json = Zeroizing::new(
-        serde_json::to_vec(&SigningKeys { keys: &private_jwks }).expect("private JWKs always serialize"),
+        serde_json::to_vec(&SigningKeys {
+            keys: &private_jwks,
+        })
+        .expect("private JWKs always serialize"),
     );
     let json_path = dir.join(SIGNING_JSON);
     changed |= fsutil::write_if_changed(&json_path, &json, 0o600).map_err(io_error(&json_path))?;

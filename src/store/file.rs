@@ -58,13 +58,15 @@ impl FileStore {
 
     fn load_blocking(&self, keyset: &str) -> Result<Option<Stored>, StoreError> {
         let path = self.path(keyset);
-        let Some(bytes) = read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))? else {
+        let Some(bytes) =
+            read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))?
+        else {
             return Ok(None);
         };
         let version = version_of(&bytes);
-        let text = String::from_utf8(bytes.to_vec()).map_err(|_| StoreError::Unavailable {
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| StoreError::Corrupt {
             location: path.display().to_string(),
-            message: "is not UTF-8 text".to_string(),
+            message: "not a keyroll keyset document (not UTF-8 text)".to_string(),
         })?;
         Ok(Some(Stored {
             text: Zeroizing::new(text),
@@ -78,7 +80,8 @@ impl FileStore {
         text: &str,
         expected: Option<&Version>,
     ) -> Result<Version, StoreError> {
-        fsutil::ensure_dir(&self.dir, 0o700).map_err(|e| self.unavailable(keyset, "cannot create the store folder", e))?;
+        fsutil::ensure_dir(&self.dir, 0o700)
+            .map_err(|e| self.unavailable(keyset, "cannot create the store folder", e))?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -90,14 +93,16 @@ impl FileStore {
         // that dies holding it releases it with its file descriptors.
         File::lock(&lock).map_err(|e| self.unavailable(keyset, "cannot take the lock", e))?;
         let path = self.path(keyset);
-        let current = read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))?;
+        let current =
+            read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))?;
         let current_version = current.as_ref().map(|bytes| version_of(bytes));
         if current_version.as_ref() != expected {
             return Err(StoreError::Conflict {
                 location: path.display().to_string(),
             });
         }
-        fsutil::write_atomic(&path, text.as_bytes(), 0o600).map_err(|e| self.unavailable(keyset, "cannot write", e))?;
+        fsutil::write_atomic(&path, text.as_bytes(), 0o600)
+            .map_err(|e| self.unavailable(keyset, "cannot write", e))?;
         Ok(version_of(text.as_bytes()))
     }
 }
@@ -129,5 +134,22 @@ impl Store for FileStore {
         tokio::task::spawn_blocking(move || store.save_blocking(&keyset, &text, expected.as_ref()))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// Every save renames a new file into place, so the inode alone would
+    /// do; mtime and size also catch an operator editing the file in place.
+    async fn fingerprint(&self, keyset: &str) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        match tokio::fs::metadata(self.path(keyset)).await {
+            Ok(meta) => Some(format!(
+                "{}:{}.{}:{}",
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.len()
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Some("absent".to_string()),
+            Err(_) => None,
+        }
     }
 }

@@ -48,8 +48,14 @@ impl Store for MemoryStore {
                 location: self.location(keyset),
             });
         }
-        let version = self.counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        documents.insert(keyset.to_string(), (Zeroizing::new(text.to_string()), version));
+        let version = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        documents.insert(
+            keyset.to_string(),
+            (Zeroizing::new(text.to_string()), version),
+        );
         Ok(Version(version.to_string()))
     }
 }

@@ -36,6 +36,10 @@ pub enum StoreError {
     /// expected: reload, plan again, save again.
     #[error("{location}: changed by another writer since it was read")]
     Conflict { location: String },
+    /// The stored bytes cannot be a document at all (e.g. not UTF-8). Like
+    /// a document that does not parse, it is reported and left untouched.
+    #[error("{location}: {message}; it is left untouched")]
+    Corrupt { location: String, message: String },
     /// The backend could not be reached or failed; worth retrying later.
     #[error("{location}: {message}")]
     Unavailable { location: String, message: String },
@@ -78,6 +82,15 @@ pub trait Store: Send + Sync {
         text: &str,
         expected: Option<&Version>,
     ) -> Result<Version, StoreError>;
+
+    /// A cheap token that changes whenever the keyset's document changes,
+    /// so an idle daemon notices a CLI's write within a second. `None` when
+    /// the backend has no cheap way to tell (the daemon then relies on
+    /// `reconcile_interval`); a token that changes spuriously only costs an
+    /// extra reconcile.
+    async fn fingerprint(&self, _keyset: &str) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +103,13 @@ pub enum OpenError {
 }
 
 /// Opens the store the config names.
-pub fn open(settings: &crate::config::StoreSettings) -> Result<std::sync::Arc<dyn Store>, OpenError> {
+pub fn open(
+    settings: &crate::config::StoreSettings,
+) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     match settings {
-        crate::config::StoreSettings::File { dir } => Ok(std::sync::Arc::new(FileStore::new(dir.clone()))),
+        crate::config::StoreSettings::File { dir } => {
+            Ok(std::sync::Arc::new(FileStore::new(dir.clone())))
+        }
         crate::config::StoreSettings::AwsSecretsManager(_) => Err(OpenError::AwsNotBuilt),
     }
 }
