@@ -254,7 +254,7 @@ impl KeysetDoc {
     }
 
     /// The rules every stored document obeys (SPEC §1, I1 and the states).
-    fn check_structure(&self, keyset: &str) -> Result<(), String> {
+    pub fn check_structure(&self, keyset: &str) -> Result<(), String> {
         if self.keyset != keyset {
             return Err(format!(
                 "document is for keyset {:?}, expected {:?}",

@@ -277,9 +277,14 @@ impl Planner<'_> {
                     trigger: Trigger::Replenish,
                 });
                 self.settled.insert(alg);
-                let active = self.doc.key(alg, KeyState::Active);
-                let due = active.and_then(|a| self.scheduled_due(alg, a));
-                self.push_outlook(alg, due, self.now);
+                match self.doc.key(alg, KeyState::Active) {
+                    Some(active) => {
+                        let due = self.scheduled_due(alg, active);
+                        self.push_outlook(alg, due, self.now);
+                    }
+                    // The revoked key was a new slot's waiting first key.
+                    None => self.push_first_key_outlook(alg, self.now),
+                }
             }
             KeyState::Retired => {}
         }
@@ -301,11 +306,23 @@ impl Planner<'_> {
             None => self.policy.algorithms.clone(),
         };
         for alg in targets {
-            let (Some(active), Some(next)) = (
+            let (active, next) = (
                 self.doc.key(alg, KeyState::Active),
                 self.doc.key(alg, KeyState::Next),
-            ) else {
-                // Not bootstrapped yet: bootstrapping (below) is the rotation.
+            );
+            let (Some(active), Some(next)) = (active, next) else {
+                if let (None, Some(next), true) = (active, next, force) {
+                    // A first key still waiting for publish_lead, forced.
+                    self.steps.push(Step::Activate {
+                        kid: next.kid.clone(),
+                        trigger: Trigger::Forced,
+                    });
+                    self.replenish(alg);
+                    self.settled.insert(alg);
+                    self.outlook_after_rotation(alg);
+                }
+                // Otherwise not bootstrapped yet: bootstrapping (below) is
+                // the rotation.
                 continue;
             };
             let ready = self.ready_at(next);
@@ -357,8 +374,8 @@ impl Planner<'_> {
         let active = self.doc.key(alg, KeyState::Active);
         let next = self.doc.key(alg, KeyState::Next);
         match (active, next) {
-            (None, None) => {
-                // Nobody can have cached anything for this slot: the first
+            (None, None) if self.keyset_unpublished() => {
+                // Nobody can have cached anything for this keyset: the first
                 // key is active at once (SPEC §1, bootstrap).
                 for state in [KeyState::Active, KeyState::Next] {
                     self.steps.push(Step::Create {
@@ -369,20 +386,27 @@ impl Planner<'_> {
                 }
                 self.outlook_after_rotation(alg);
             }
-            (None, Some(next)) => {
-                // Only a hand-edited document gets here; the published next
-                // key is the safest one to sign with.
+            (None, None) => {
+                // A new algorithm in a keyset whose JWKS verifiers already
+                // cache: a key active at once would sign tokens they reject
+                // for up to jwks_cache_ttl. Its first key is pre-published
+                // like any other and activated after publish_lead.
+                self.steps.push(Step::Create {
+                    alg,
+                    state: KeyState::Next,
+                    trigger: Trigger::Bootstrap,
+                });
+                self.push_first_key_outlook(alg, self.now);
+            }
+            (None, Some(next)) if self.now >= self.ready_at(next) => {
                 self.steps.push(Step::Activate {
                     kid: next.kid.clone(),
                     trigger: Trigger::Bootstrap,
                 });
-                self.steps.push(Step::Create {
-                    alg,
-                    state: KeyState::Next,
-                    trigger: Trigger::Replenish,
-                });
+                self.replenish(alg);
                 self.outlook_after_rotation(alg);
             }
+            (None, Some(next)) => self.push_first_key_outlook(alg, next.published_at),
             (Some(active), None) => {
                 self.steps.push(Step::Create {
                     alg,
@@ -413,6 +437,27 @@ impl Planner<'_> {
                 }
             }
         }
+    }
+
+    /// Whether no verifier can have seen this keyset yet: it holds no key
+    /// (other than ones this plan revokes).
+    fn keyset_unpublished(&self) -> bool {
+        self.doc.keys.iter().all(|key| self.gone.contains(&key.kid))
+    }
+
+    /// A slot whose first key waits for `publish_lead` before it signs.
+    fn push_first_key_outlook(&mut self, alg: Alg, published: Timestamp) {
+        let ready = after(published, self.publish_lead());
+        self.wake.push(ready);
+        self.outlook.push(SlotOutlook {
+            alg,
+            next_rotation: Some(ready),
+            waiting_for: Some(format!(
+                "new algorithm in an already published keyset: its first key, published at {}, becomes active after publish_lead ({}) so that cached JWKS learn it first",
+                crate::clock::rfc3339(published),
+                humantime::format_duration(self.publish_lead())
+            )),
+        });
     }
 
     /// Keys of algorithms no longer configured retire now, and go after
@@ -597,6 +642,6 @@ pub fn upcoming(
                 .cloned(),
         );
     }
-    kept.sort_by(|a, b| (a.at, a.alg).cmp(&(b.at, b.alg)));
+    kept.sort_by_key(|event| (event.at, event.alg));
     kept
 }

@@ -28,6 +28,8 @@ pub enum ReconcileError {
     Plan(#[from] PlanError),
     #[error("keyset {keyset:?}: {source}")]
     Key { keyset: String, source: KeyError },
+    #[error("keyset {keyset:?}: refusing to save a document that breaks the stored-document rules ({detail}); this is a keyroll bug, please report it")]
+    Inconsistent { keyset: String, detail: String },
     #[error("{location}: gave up after {attempts} conflicting writes in a row; will try again")]
     Contention { location: String, attempts: u32 },
 }
@@ -139,6 +141,13 @@ impl Reconciler {
                 });
             }
             let (doc, committed, fresh_jwks) = self.carry_out(policy, &snapshot.doc, &plan).await?;
+            // The same rules a load enforces: a planner bug must fail this
+            // reconcile, not store a document every later load refuses.
+            doc.check_structure(&policy.name)
+                .map_err(|detail| ReconcileError::Inconsistent {
+                    keyset: policy.name.clone(),
+                    detail,
+                })?;
             let text = doc.to_json();
             match self
                 .store

@@ -56,8 +56,11 @@ impl StoreError {
 /// The contract every backend keeps (checked by `tests/store_battery.rs`):
 ///
 /// - `load` returns the latest saved text with its version, or `None` if the
-///   keyset was never saved. A version identifies content that was saved:
-///   two loads return the same version only if no save succeeded between.
+///   keyset was never saved. Equal versions mean equal content: a load
+///   returns the version it returned before only if the content is the same.
+///   (A backend may give identical text saved again the same version, as the
+///   file store's content digest does; that is safe because every plan is a
+///   function of the content alone.)
 /// - `save(keyset, text, expected)` stores `text` only if the current
 ///   version is still `expected` (`None`: the document must not exist yet),
 ///   and returns the new version. Otherwise it stores nothing and returns
