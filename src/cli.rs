@@ -76,6 +76,8 @@ enum Command {
     /// Remove a key from the JWKS and destroy it at once
     Revoke {
         keyset: String,
+        /// base64url kids may start with '-': never read one as a flag
+        #[arg(allow_hyphen_values = true)]
         kid: String,
         #[arg(long, default_value = "")]
         reason: String,
