@@ -410,47 +410,33 @@ fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> Stor
     let Some(raw) = raw else {
         return default_file();
     };
-    let mut misplaced = |present: bool, span_line: Option<usize>, key: &str, kind: &str| {
-        if present {
-            c.problems.push(Problem {
-                line: span_line,
-                key: format!("store.{key}"),
-                message: format!("not a setting of store type {kind:?}"),
-            });
+    // The settings of each store type, with where they were written.
+    let aws_only = [
+        (
+            "secret_prefix",
+            raw.secret_prefix.as_ref().map(Spanned::span),
+        ),
+        ("region", raw.region.as_ref().map(Spanned::span)),
+        ("endpoint_url", raw.endpoint_url.as_ref().map(Spanned::span)),
+        ("kms_key_id", raw.kms_key_id.as_ref().map(Spanned::span)),
+        ("tags", raw.tags.as_ref().map(Spanned::span)),
+    ];
+    let file_only = [("dir", raw.dir.as_ref().map(Spanned::span))];
+    let mut refuse = |settings: &[(&str, Option<std::ops::Range<usize>>)], kind: &str| {
+        for (key, at) in settings {
+            if let Some(at) = at {
+                let line = c.line_of(at.clone());
+                c.problems.push(Problem {
+                    line: Some(line),
+                    key: format!("store.{key}"),
+                    message: format!("not a setting of store type {kind:?}"),
+                });
+            }
         }
-    };
-    let line = |s: &Option<Spanned<String>>, text: &str| {
-        s.as_ref()
-            .map(|s| text[..s.span().start].matches('\n').count() + 1)
     };
     match raw.kind.get_ref().as_str() {
         "file" => {
-            let text = c.text;
-            misplaced(
-                raw.secret_prefix.is_some(),
-                line(&raw.secret_prefix, text),
-                "secret_prefix",
-                "file",
-            );
-            misplaced(
-                raw.region.is_some(),
-                line(&raw.region, text),
-                "region",
-                "file",
-            );
-            misplaced(
-                raw.endpoint_url.is_some(),
-                line(&raw.endpoint_url, text),
-                "endpoint_url",
-                "file",
-            );
-            misplaced(
-                raw.kms_key_id.is_some(),
-                line(&raw.kms_key_id, text),
-                "kms_key_id",
-                "file",
-            );
-            misplaced(raw.tags.is_some(), None, "tags", "file");
+            refuse(&aws_only, "file");
             match raw.dir {
                 Some(dir) => StoreSettings::File {
                     dir: dir.into_inner(),
@@ -459,7 +445,7 @@ fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> Stor
             }
         }
         "aws-secrets-manager" => {
-            misplaced(raw.dir.is_some(), None, "dir", "aws-secrets-manager");
+            refuse(&file_only, "aws-secrets-manager");
             let secret_prefix = raw
                 .secret_prefix
                 .map(Spanned::into_inner)

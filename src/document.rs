@@ -316,8 +316,11 @@ impl KeysetDoc {
             .collect()
     }
 
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a keyset document always serializes")
+    /// The stored form. It holds private keys, so it is zeroized on drop.
+    pub fn to_json(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(
+            serde_json::to_string_pretty(self).expect("a keyset document always serializes"),
+        )
     }
 
     pub fn key(&self, alg: Alg, state: KeyState) -> Option<&StoredKey> {

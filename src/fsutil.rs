@@ -32,8 +32,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// other programs change only when something really changed.
 /// Returns whether it wrote.
 pub fn write_if_changed(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
-    if let (Ok(current), Ok(meta)) = (fs::read(path), fs::metadata(path)) {
-        if current == bytes && meta.permissions().mode() & 0o777 == mode {
+    // The current content may be a private key (signing_dir): zeroize it.
+    let current = fs::read(path).map(zeroize::Zeroizing::new);
+    if let (Ok(current), Ok(meta)) = (current, fs::metadata(path)) {
+        if current.as_slice() == bytes && meta.permissions().mode() & 0o777 == mode {
             return Ok(false);
         }
     }

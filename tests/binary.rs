@@ -881,7 +881,17 @@ fn manual_rotate_and_revoke_against_a_running_daemon() {
     ));
     let mut daemon = sb.spawn(&[]);
     wait_ready(&mut daemon, &sb);
-    let signing_kid = |dir: &Path, alg: &'static str| read_signer(dir, alg).map(|k| k.kid);
+    // Waits until `dir` holds `kid` as the ES256 signing key.
+    let await_signer = |daemon: &mut Daemon, what: &str, dir: &Path, kid: &str| {
+        daemon.until(what, LONG, || {
+            let current = read_signer(dir, "ES256")?.kid;
+            if current == kid {
+                Ok(())
+            } else {
+                Err(format!("still {current}"))
+            }
+        });
+    };
     // Two keysets, none called default: commands must name one.
     sb.cli(&["rotate"]).exits(2).stderr_has(&["keyset"]);
     sb.cli(&["jwks"]).exits(2).stderr_has(&["keyset"]);
@@ -924,17 +934,11 @@ fn manual_rotate_and_revoke_against_a_running_daemon() {
     let rows = key_rows(&sb.status_json(), "guarded");
     assert_eq!(row(&rows, "ES256", "active").kid, next.kid);
     assert_eq!(row(&rows, "ES256", "retired").kid, active.kid);
-    daemon.until(
+    await_signer(
+        &mut daemon,
         "guarded's signing_dir to switch to the forced key",
-        LONG,
-        || {
-            let kid = signing_kid(&guarded_signing, "ES256")?;
-            if kid == next.kid {
-                Ok(())
-            } else {
-                Err(format!("still {kid}"))
-            }
-        },
+        &guarded_signing,
+        &next.kid,
     );
 
     // `rotate` of a young key is carried out by the daemon once the key is
@@ -1001,17 +1005,11 @@ fn manual_rotate_and_revoke_against_a_running_daemon() {
         rsa_active,
         "--alg ES256 leaves RS256 alone"
     );
-    daemon.until(
+    await_signer(
+        &mut daemon,
         "quick's signing_dir to switch to the rotated key",
-        LONG,
-        || {
-            let kid = signing_kid(&quick_signing, "ES256")?;
-            if kid == next.kid {
-                Ok(())
-            } else {
-                Err(format!("still {kid}"))
-            }
-        },
+        &quick_signing,
+        &next.kid,
     );
 
     // `revoke` of the active key: gone from the JWKS and the store, the
@@ -1053,14 +1051,12 @@ fn manual_rotate_and_revoke_against_a_running_daemon() {
             Ok(())
         }
     });
-    daemon.until("signing_dir to hold the successor", LONG, || {
-        let kid = signing_kid(&quick_signing, "ES256")?;
-        if kid == successor.kid {
-            Ok(())
-        } else {
-            Err(format!("still {kid}"))
-        }
-    });
+    await_signer(
+        &mut daemon,
+        "signing_dir to hold the successor",
+        &quick_signing,
+        &successor.kid,
+    );
     let rows = key_rows(&sb.status_json(), "quick");
     assert!(
         rows.iter().all(|r| r.kid != victim.kid),

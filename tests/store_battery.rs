@@ -611,7 +611,7 @@ async fn a_document_for_another_keyset_or_with_a_wrong_kid_is_left_untouched() {
     .await;
     let kid = &doc.keys[0].kid;
     let tampered = text.replacen(&format!("\"kid\": \"{kid}\""), "\"kid\": \"k999-ES256\"", 1);
-    assert_ne!(tampered, text);
+    assert_ne!(tampered, *text);
     refuses_and_keeps(tampered.as_bytes(), true).await;
 }
 
