@@ -213,6 +213,7 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
             );
         }
     }
+    problems.extend(overlapping_outputs(config));
     if problems.is_empty() {
         Ok(())
     } else {
@@ -221,6 +222,66 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
             problems,
         })
     }
+}
+
+/// `path` made absolute, with `.` and `..` resolved lexically (it may not
+/// exist yet, so it cannot be canonicalized).
+fn lexical_absolute(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Outputs that would overwrite the store or each other: a `jwks_file`
+/// written over `<store dir>/<keyset>.json` would destroy every private key.
+fn overlapping_outputs(config: &Config) -> Vec<Problem> {
+    let store_dir = match &config.store {
+        StoreSettings::File { dir } => Some(lexical_absolute(dir)),
+        StoreSettings::AwsSecretsManager(_) => None,
+    };
+    let mut problems = Vec::new();
+    let mut seen: Vec<(PathBuf, String)> = Vec::new();
+    for keyset in &config.keysets {
+        let outputs = [
+            ("jwks_file", &keyset.jwks_file),
+            ("signing_dir", &keyset.signing_dir),
+        ];
+        for (field, path) in outputs {
+            let Some(path) = path else { continue };
+            let key = format!("keysets[{}].{field}", keyset.name);
+            let absolute = lexical_absolute(path);
+            let mut refuse = |message: String| {
+                problems.push(Problem {
+                    line: None,
+                    key: key.clone(),
+                    message,
+                })
+            };
+            if let Some(store_dir) = store_dir.as_ref().filter(|dir| absolute.starts_with(dir)) {
+                refuse(format!(
+                    "{} is inside the store folder {}: keyroll would overwrite its own keyset documents",
+                    path.display(),
+                    store_dir.display()
+                ));
+            } else if let Some((_, other)) = seen.iter().find(|(p, _)| *p == absolute) {
+                refuse(format!(
+                    "{} is also {other}: each output needs its own path",
+                    path.display()
+                ));
+            }
+            seen.push((absolute, key));
+        }
+    }
+    problems
 }
 
 /// `dir` exists and is writable, or can be created under a writable parent.
@@ -307,7 +368,12 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), CliErro
     check_paths(&config)?;
     let setup = daemon::Setup {
         config,
-        reload: Box::new(move || load_config(config_path.as_deref())),
+        // A reload is held to the same checks as a start.
+        reload: Box::new(move || {
+            let config = load_config(config_path.as_deref())?;
+            check_paths(&config)?;
+            Ok(config)
+        }),
         keys: Arc::new(CryptoKeys),
         clock: Arc::new(SystemClock),
     };

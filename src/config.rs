@@ -27,6 +27,8 @@ const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
 const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 const DEFAULT_RSA_BITS: u32 = 2048;
+/// The longest duration a setting may have: 100 years.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 36525 * 864);
 
 /// Where the config came from; named in every error.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,6 +232,13 @@ impl<'a> Checker<'a> {
     fn duration(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<Duration> {
         let value = value?;
         match humantime::parse_duration(value.get_ref().trim()) {
+            // Timestamps derived from longer durations would leave the range
+            // a stored document can represent.
+            Ok(d) if d > MAX_DURATION => {
+                let message = format!("{:?} is longer than 100 years", value.get_ref());
+                self.problem(Some(value), key, message);
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 let message = format!(
@@ -608,6 +617,15 @@ fn build_schedule(
             }
         },
         (None, Some(every)) => match c.duration(Some(every), &key("rotate_every")) {
+            // A zero period would rotate on every reconcile, forever.
+            Some(period) if period.is_zero() => {
+                c.problem(
+                    Some(every),
+                    &key("rotate_every"),
+                    "must be longer than zero",
+                );
+                return default;
+            }
             Some(period) => (Schedule::Every(period), "rotate_every", every),
             None => return default,
         },
@@ -713,6 +731,22 @@ mod tests {
         assert_eq!(err.problems[0].line, Some(3), "{err}");
         let err = parse("[[keysets]]\nname = \"a\"\nx5c = \"yes\"\n").unwrap_err();
         assert_eq!(err.problems[0].key, "x5c", "{err}");
+    }
+
+    #[test]
+    fn zero_and_absurd_durations_are_refused() {
+        let zero = "[[keysets]]\nname = \"a\"\nrotate_every = \"0s\"\njwks_cache_ttl = \"0s\"\npropagation = \"0s\"\n";
+        let err = parse(zero).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rotate_every: must be longer than zero"),
+            "{err}"
+        );
+        let err = parse("[[keysets]]\nname = \"a\"\ntoken_ttl = \"1000years\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("line 3: keysets[a].token_ttl"),
+            "{err}"
+        );
     }
 
     #[test]

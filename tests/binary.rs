@@ -1497,6 +1497,58 @@ fn unwritable_outputs_are_refused_at_startup() {
 }
 
 #[test]
+fn outputs_that_would_overwrite_the_store_or_each_other_are_refused() {
+    let sb = Sandbox::new();
+    let mut daemon = {
+        sb.write_config(&keyset_block("default", &["ES256"], STEADY, ""));
+        sb.spawn(&[])
+    };
+    wait_ready(&mut daemon, &sb);
+    let stored = fs::read(sb.store_file("default")).expect("the stored keyset");
+
+    // A jwks_file over the keyset document would replace every private key
+    // with the public JWKS; `..` in the path does not hide it.
+    let sneaky = sb.store_dir().join("..").join("store").join("default.json");
+    let over_store = keyset_block("default", &["ES256"], STEADY, &outputs(Some(&sneaky), None));
+    sb.write_config(&over_store);
+    for command in ["validate", "run"] {
+        sb.cli(&[command])
+            .exits(2)
+            .stderr_has(&["keysets[default].jwks_file", "inside the store folder"]);
+    }
+    // The same config on SIGHUP is refused too, and the running one kept.
+    daemon.signal("HUP");
+    let log_path = daemon.log_path();
+    daemon.until("the refused reload to be logged", LONG, || {
+        let log = fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("config reload failed") && log.contains("inside the store folder") {
+            Ok(())
+        } else {
+            Err("no reload error yet".to_string())
+        }
+    });
+    daemon.assert_alive();
+    get_ok(&jwks_url(&sb, "default")).expect("still serving");
+    assert_eq!(
+        fs::read(sb.store_file("default")).unwrap(),
+        stored,
+        "the keyset document is intact"
+    );
+
+    // Two keysets sharing one output would overwrite each other.
+    let shared = sb.path("shared.jwks.json");
+    let both = format!(
+        "{}{}",
+        keyset_block("a", &["ES256"], STEADY, &outputs(Some(&shared), None)),
+        keyset_block("b", &["ES256"], STEADY, &outputs(Some(&shared), None)),
+    );
+    sb.write_config(&both);
+    sb.cli(&["validate"])
+        .exits(2)
+        .stderr_has(&["keysets[b].jwks_file", "also keysets[a].jwks_file"]);
+}
+
+#[test]
 fn unwritable_jwks_file_at_runtime_keeps_http_serving_and_counts_errors() {
     let sb = Sandbox::new();
     let public_dir = sb.path("public");
