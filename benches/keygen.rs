@@ -1,13 +1,18 @@
 //! Prints key-generation and rotation figures (not a pass/fail test):
 //! `cargo bench --bench keygen`. Each figure is the median and p90 of N runs,
 //! with ES256 generation as the in-run reference for the ratios.
+//!
+//! `--samples ALG BITS N` instead prints N raw timings, one per line, of
+//! generating a private key and encoding it as PKCS#8 PEM — what
+//! `openssl genpkey` does — so that `bench/run` can alternate it with
+//! `openssl` rounds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyroll::clock::{Clock, SystemClock};
 use keyroll::config::{Config, ConfigSource, ParseContext};
-use keyroll::key::{self, Alg, CryptoKeys};
+use keyroll::key::{self, Alg, CryptoKeys, PrivateKey};
 use keyroll::planner::Action;
 use keyroll::reconcile::Reconciler;
 use keyroll::store::FileStore;
@@ -35,6 +40,22 @@ fn main() {
     // `--bench`: measuring a debug build there would only waste CI time.
     if !std::env::args().any(|arg| arg == "--bench") {
         println!("keygen: figures only under `cargo bench --bench keygen`");
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|arg| arg == "--samples") {
+        let (alg, bits, runs) = match &args[at + 1..] {
+            [alg, bits, runs, ..] => (alg, bits, runs),
+            _ => panic!("usage: --samples ES256|RS256 BITS RUNS"),
+        };
+        let alg: Alg = alg.parse().expect("ES256 or RS256");
+        let bits: u32 = bits.parse().expect("BITS is a number");
+        for _ in 0..runs.parse::<usize>().expect("RUNS is a number") {
+            let start = Instant::now();
+            let key = PrivateKey::generate(alg, bits).unwrap();
+            std::hint::black_box(key.to_pem().unwrap());
+            println!("{:.6}", start.elapsed().as_secs_f64());
+        }
         return;
     }
     let now = SystemClock.now();
