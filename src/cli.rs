@@ -403,9 +403,9 @@ async fn termination() {
     }
 }
 
-fn reconciler(config: &Config) -> Result<Reconciler, CliError> {
+async fn reconciler(config: &Config) -> Result<Reconciler, CliError> {
     Ok(Reconciler::new(
-        store::open(&config.store)?,
+        store::open(&config.store).await?,
         Arc::new(CryptoKeys),
         Arc::new(SystemClock),
     ))
@@ -445,7 +445,7 @@ fn selected<'c>(config: &'c Config, name: Option<&str>) -> Result<Vec<&'c Keyset
 }
 
 async fn plan(config: &Config, keyset: Option<&str>, count: usize) -> Result<(), CliError> {
-    let reconciler = reconciler(config)?;
+    let reconciler = reconciler(config).await?;
     let now = SystemClock.now();
     let mut out = String::new();
     for policy in selected(config, keyset)? {
@@ -577,7 +577,7 @@ fn keyset_status(
 }
 
 async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(), CliError> {
-    let reconciler = reconciler(config)?;
+    let reconciler = reconciler(config).await?;
     let now = SystemClock.now();
     let mut keysets = Vec::new();
     for policy in selected(config, keyset)? {
@@ -631,7 +631,7 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
 
 async fn jwks(config: &Config, keyset: Option<&str>) -> Result<(), CliError> {
     let policy = pick_keyset(config, keyset)?;
-    let reconciler = reconciler(config)?;
+    let reconciler = reconciler(config).await?;
     let snapshot = reconciler.load(&policy.name).await?;
     if snapshot.version.is_none() {
         return Err(CliError::Failure(format!(
@@ -665,7 +665,10 @@ async fn rotate(
 ) -> Result<(), CliError> {
     let policy = pick_keyset(config, keyset)?;
     let action = Action::Rotate { alg, force };
-    let outcome = reconciler(config)?.reconcile(policy, Some(&action)).await?;
+    let outcome = reconciler(config)
+        .await?
+        .reconcile(policy, Some(&action))
+        .await?;
     for warning in &outcome.plan.warnings {
         eprintln!("warning: {warning}");
     }
@@ -708,13 +711,33 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
         kid: kid.to_string(),
         reason: reason.to_string(),
     };
-    let outcome = reconciler(config)?
-        .reconcile(policy, Some(&action))
-        .await
-        .map_err(|e| match e {
-            ReconcileError::Plan(PlanError::UnknownKid { .. }) => CliError::Usage(e.to_string()),
-            other => other.into(),
-        })?;
+    let reconciler = reconciler(config).await?;
+    let outcome = match reconciler.reconcile(policy, Some(&action)).await {
+        Ok(outcome) => outcome,
+        Err(e @ ReconcileError::Plan(PlanError::UnknownKid { .. })) => {
+            // A revoke repeated after its answer was lost (a timeout, a
+            // killed CLI) finds the key gone: that is success, not an error.
+            let snapshot = reconciler.load(&policy.name).await?;
+            let revoked = snapshot
+                .doc
+                .audit
+                .iter()
+                .rev()
+                .find(|r| r.kid == kid && r.event == AuditEvent::Revoked);
+            return match revoked {
+                Some(record) => {
+                    println!(
+                        "{}: {kid} was already revoked at {}; it is gone from the JWKS and the store",
+                        policy.name,
+                        rfc3339(record.at)
+                    );
+                    Ok(())
+                }
+                None => Err(CliError::Usage(e.to_string())),
+            };
+        }
+        Err(other) => return Err(other.into()),
+    };
     for record in &outcome.committed {
         daemon::log_transition(&policy.name, record);
     }

@@ -282,7 +282,7 @@ fn toml_problem(text: &str, error: &toml::de::Error) -> Problem {
         .and_then(|n| text.lines().nth(n - 1))
         .unwrap_or("")
         .trim();
-    let message = error.message().trim().to_string();
+    let message = plain_type_names(error.message().trim());
     let key = if message.starts_with("unknown field") {
         message.split('`').nth(1).map(str::to_string)
     } else if let Some((key, _)) = line_text.split_once('=') {
@@ -296,6 +296,20 @@ fn toml_problem(text: &str, error: &toml::de::Error) -> Problem {
         key: key.unwrap_or_else(|| "toml".to_string()),
         message,
     }
+}
+
+/// serde names Rust types ("expected i64"); an operator reads TOML.
+fn plain_type_names(message: &str) -> String {
+    let mut message = message.to_string();
+    for (rust, toml) in [
+        ("expected i64", "expected an integer (no quotes)"),
+        ("expected a sequence", "expected a list ([...])"),
+    ] {
+        if let Some(at) = message.find(rust) {
+            message.replace_range(at..at + rust.len(), toml);
+        }
+    }
+    message
 }
 
 impl Config {
@@ -412,6 +426,81 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
     }
 }
 
+/// What AWS would refuse at the first request, refused at validation.
+fn check_aws_settings(raw: &RawStore, c: &mut Checker) {
+    // Secret names: 512 characters of these; keyset names take up to 128.
+    let name_char = |ch: char| ch.is_ascii_alphanumeric() || "/_+=.@-".contains(ch);
+    if let Some(prefix) = &raw.secret_prefix {
+        if !prefix.get_ref().chars().all(name_char) || prefix.get_ref().len() > 384 {
+            c.problem(
+                Some(prefix),
+                "store.secret_prefix",
+                "AWS secret names allow only letters, digits and /_+=.@- (at most 384 characters here, leaving 128 for the keyset name)",
+            );
+        }
+    }
+    if let Some(region) = &raw.region {
+        let region_text = region.get_ref();
+        let valid = !region_text.is_empty()
+            && region_text
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-');
+        if !valid {
+            c.problem(
+                Some(region),
+                "store.region",
+                format!("{region_text:?} is not an AWS region name (like \"eu-west-1\")"),
+            );
+        }
+    }
+    if let Some(endpoint) = &raw.endpoint_url {
+        let usable = endpoint
+            .get_ref()
+            .parse::<axum::http::Uri>()
+            .ok()
+            .filter(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
+            });
+        if usable.is_none() {
+            c.problem(
+                Some(endpoint),
+                "store.endpoint_url",
+                format!(
+                    "{:?} is not an http:// or https:// URL with a host",
+                    endpoint.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(kms) = &raw.kms_key_id {
+        if kms.get_ref().trim().is_empty() {
+            c.problem(
+                Some(kms),
+                "store.kms_key_id",
+                "empty; leave it out to use the account's default key (aws/secretsmanager)",
+            );
+        }
+    }
+    if let Some(tags) = &raw.tags {
+        let bad = tags.get_ref().iter().find(|(key, value)| {
+            key.is_empty() || key.len() > 128 || value.len() > 256 || key.starts_with("aws:")
+        });
+        if tags.get_ref().len() > 50 {
+            c.problem(
+                Some(tags),
+                "store.tags",
+                "AWS allows at most 50 tags on a secret",
+            );
+        } else if let Some((key, _)) = bad {
+            c.problem(
+                Some(tags),
+                "store.tags",
+                format!("tag {key:?}: keys are 1 to 128 characters and may not start with \"aws:\"; values at most 256"),
+            );
+        }
+    }
+}
+
 fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> StoreSettings {
     let default_file = || StoreSettings::File {
         dir: state_dir.join("keysets"),
@@ -455,6 +544,7 @@ fn build_store(raw: Option<RawStore>, state_dir: &Path, c: &mut Checker) -> Stor
         }
         "aws-secrets-manager" => {
             refuse(&file_only, "aws-secrets-manager");
+            check_aws_settings(&raw, c);
             let secret_prefix = raw
                 .secret_prefix
                 .map(Spanned::into_inner)
@@ -606,7 +696,7 @@ fn build_schedule(
             return default;
         }
         (Some(cron), None) => match Schedule::cron(cron.get_ref()) {
-            Ok(schedule) => (schedule, "rotate", cron),
+            Ok(schedule) => (schedule, "rotate", Some(cron)),
             Err(e) => {
                 let message = format!(
                     "{:?} is not a cron expression ({e}); it has a seconds field, like \"0 0 3 * * Mon\"",
@@ -626,19 +716,27 @@ fn build_schedule(
                 );
                 return default;
             }
-            Some(period) => (Schedule::Every(period), "rotate_every", every),
+            Some(period) => (Schedule::Every(period), "rotate_every", Some(every)),
             None => return default,
         },
-        (None, None) => return default,
+        // The default period is held to the same rule: a long jwks_cache_ttl
+        // or propagation (or reconcile_interval) can outgrow it. Found by
+        // fuzzing.
+        (None, None) => (default, "rotate_every", None),
     };
     let lead = timings.publish_lead();
+    let apart = if span.is_some() {
+        ""
+    } else {
+        " (the default rotate_every)"
+    };
     match schedule.shortest_gap(context.now) {
         None => {
-            c.problem(Some(span), &key(field), "this schedule never fires again");
+            c.problem(span, &key(field), "this schedule never fires again");
         }
         Some(gap) if gap < lead => {
             let message = format!(
-                "rotations {} apart are shorter than publish_lead = jwks_cache_ttl ({}) + propagation ({}) = {}: \
+                "rotations {} apart{apart} are shorter than publish_lead = jwks_cache_ttl ({}) + propagation ({}) = {}: \
                  a verifier could meet a token signed with a key it has not fetched yet; \
                  rotate at most every {} or shorten jwks_cache_ttl/propagation",
                 show(gap),
@@ -647,7 +745,7 @@ fn build_schedule(
                 show(lead),
                 show(lead)
             );
-            c.problem(Some(span), &key(field), message);
+            c.problem(span, &key(field), message);
         }
         Some(_) => {}
     }

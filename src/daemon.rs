@@ -67,14 +67,15 @@ struct Daemon {
     failures: HashMap<String, u32>,
     /// The latest outlook of each keyset's slots, for systemd's STATUS=.
     outlook: HashMap<String, Vec<SlotOutlook>>,
-    /// Milliseconds since `epoch` at which the running pass started; 0 when idle.
-    pass_started: Arc<AtomicU64>,
+    /// Milliseconds since `epoch` at which the keyset being reconciled was
+    /// started; 0 between passes. Read by the watchdog.
+    busy_since: Arc<AtomicU64>,
     epoch: StdInstant,
 }
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let store = store::open(&setup.config.store)?;
+    let store = store::open(&setup.config.store).await?;
     let metrics = Arc::new(Metrics::new());
     let served: ServedState = Arc::new(ArcSwap::from_pointee(Served::default()));
     let mut daemon = Daemon {
@@ -87,7 +88,7 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
         reload: setup.reload,
         failures: HashMap::new(),
         outlook: HashMap::new(),
-        pass_started: Arc::new(AtomicU64::new(0)),
+        busy_since: Arc::new(AtomicU64::new(0)),
         epoch: StdInstant::now(),
     };
     daemon.apply_config_to_served();
@@ -127,7 +128,7 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            _ = hangups.recv() => daemon.reload(),
+            _ = hangups.recv() => daemon.reload().await,
             _ = tokio::time::sleep_until(wake) => {}
             keyset = store_changed(daemon.reconciler.store().clone(), &seen) => {
                 tracing::debug!(%keyset, "stored document changed; reconciling now");
@@ -179,26 +180,28 @@ impl Daemon {
         })))
     }
 
-    /// Pings WATCHDOG=1 at half of `WatchdogSec`, unless a reconcile pass has
-    /// been running longer than the whole watchdog period: then systemd
-    /// should restart us.
+    /// Pings WATCHDOG=1 at half of `WatchdogSec`, unless one keyset's
+    /// reconcile has been running longer than the whole watchdog period:
+    /// then systemd should restart us. Per keyset, not per pass: with a
+    /// slow store every keyset takes up to its request budget (15 s on AWS),
+    /// and a restart would only stop the serving of the last good JWKS.
     fn start_watchdog(&self) -> Option<tokio::task::JoinHandle<()>> {
         let mut usec = 0;
         if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
             return None;
         }
         let period = Duration::from_micros(usec);
-        let (pass_started, epoch) = (self.pass_started.clone(), self.epoch);
+        let (busy_since, epoch) = (self.busy_since.clone(), self.epoch);
         Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(period / 2);
             loop {
                 tick.tick().await;
-                let started = pass_started.load(Ordering::Relaxed);
+                let started = busy_since.load(Ordering::Relaxed);
                 let now = epoch.elapsed().as_millis() as u64;
                 if started == 0 || now.saturating_sub(started) < period.as_millis() as u64 {
                     notify(&[sd_notify::NotifyState::Watchdog]);
                 } else {
-                    tracing::error!("a reconcile pass is stuck; withholding the watchdog ping");
+                    tracing::error!("a keyset's reconcile is stuck; withholding the watchdog ping");
                 }
             }
         }))
@@ -225,7 +228,7 @@ impl Daemon {
         }
     }
 
-    fn reload(&mut self) {
+    async fn reload(&mut self) {
         let config = match (self.reload)() {
             Ok(config) => config,
             Err(e) => {
@@ -234,7 +237,7 @@ impl Daemon {
             }
         };
         if config.store != self.config.store {
-            match store::open(&config.store) {
+            match store::open(&config.store).await {
                 Ok(store) => {
                     self.reconciler = Reconciler::new(store, self.keys.clone(), self.clock.clone());
                 }
@@ -273,12 +276,12 @@ impl Daemon {
 
     /// Reconciles and publishes every keyset; returns when to run again.
     async fn pass(&mut self) -> Instant {
-        let started = self.epoch.elapsed().as_millis().max(1) as u64;
-        self.pass_started.store(started, Ordering::Relaxed);
         let interval = self.config.reconcile_interval;
         let mut wake = Instant::now() + interval;
         let policies = self.config.keysets.clone();
         for policy in &policies {
+            let keyset_started = self.epoch.elapsed().as_millis().max(1) as u64;
+            self.busy_since.store(keyset_started, Ordering::Relaxed);
             let retry_in = match self.reconciler.reconcile(policy, None).await {
                 Ok(outcome) => {
                     self.failures.remove(&policy.name);
@@ -297,7 +300,7 @@ impl Daemon {
                 wake = wake.min(Instant::now() + retry_in);
             }
         }
-        self.pass_started.store(0, Ordering::Relaxed);
+        self.busy_since.store(0, Ordering::Relaxed);
         wake
     }
 
@@ -365,18 +368,6 @@ impl Daemon {
             .keysets
             .get(&policy.name)
             .is_none_or(|current| current.body != jwks.body || current.max_age_seconds != max_age);
-        if changed {
-            self.served.rcu(|current| {
-                let mut keysets = current.keysets.clone();
-                keysets.insert(policy.name.clone(), jwks.clone());
-                Served {
-                    keysets,
-                    default_keyset: current.default_keyset.clone(),
-                    expected: current.expected.clone(),
-                }
-            });
-            tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "JWKS published");
-        }
         let (policy_owned, doc, body) = (policy.clone(), snapshot.doc.clone(), jwks.body.clone());
         let results = tokio::task::spawn_blocking(move || {
             let jwks_file = policy_owned
@@ -401,6 +392,20 @@ impl Daemon {
                 Some(Ok(true)) => tracing::info!(keyset = %policy.name, output, "updated"),
                 _ => {}
             }
+        }
+        // HTTP last: once /readyz answers 200, a sidecar's application finds
+        // its signing_dir written.
+        if changed {
+            self.served.rcu(|current| {
+                let mut keysets = current.keysets.clone();
+                keysets.insert(policy.name.clone(), jwks.clone());
+                Served {
+                    keysets,
+                    default_keyset: current.default_keyset.clone(),
+                    expected: current.expected.clone(),
+                }
+            });
+            tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "JWKS published");
         }
     }
 

@@ -180,9 +180,19 @@ pub enum DocumentError {
     Inconsistent { location: String, detail: String },
 }
 
+/// The longest part of a parser message quoted as it is.
+const LONGEST_QUOTE: usize = 40;
+
 /// serde_json quotes offending input in its messages; in a tampered document
 /// that input could be key material, so long quoted parts are elided.
 fn without_long_quotes(message: &str) -> String {
+    // serde's own words never break a line: a line break or other control
+    // character comes from the input (an unknown field name is quoted raw),
+    // and quotes inside it can pair up wrongly. Cut at its first quote.
+    if let Some(control) = message.find(char::is_control) {
+        let cut = message[..control].find(['`', '"']).unwrap_or(control);
+        return format!("{}…", &message[..cut]);
+    }
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(start) = rest.find(['`', '"']) {
@@ -190,7 +200,7 @@ fn without_long_quotes(message: &str) -> String {
         out.push_str(&rest[..=start]);
         let after = &rest[start + 1..];
         match after.find(quote) {
-            Some(end) if end <= 40 => {
+            Some(end) if end <= LONGEST_QUOTE => {
                 out.push_str(&after[..=end]);
                 rest = &after[end + 1..];
             }
@@ -205,7 +215,37 @@ fn without_long_quotes(message: &str) -> String {
         }
     }
     out.push_str(rest);
+    without_long_words(&out)
+}
+
+/// Quote characters inside the input can pair up wrongly (a field name that
+/// starts with a backtick ends the quote early and leaves the rest bare), so
+/// any long word left is elided as well. Found by fuzzing.
+fn without_long_words(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for piece in message.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end_matches(char::is_whitespace);
+        if word.chars().count() > LONGEST_QUOTE {
+            out.push('…');
+            out.push_str(&piece[word.len()..]);
+        } else {
+            out.push_str(piece);
+        }
+    }
     out
+}
+
+/// Kids (43 characters) and keyset names are short; a long one in a tampered
+/// document may be key material moved into the wrong field (a PEM line is 64
+/// characters), so it is described, not quoted. Found by fuzzing.
+pub const LONGEST_QUOTED_VALUE: usize = 48;
+
+fn shown(value: &str) -> String {
+    if value.chars().count() <= LONGEST_QUOTED_VALUE {
+        format!("{value:?}")
+    } else {
+        format!("<{} characters, not shown>", value.chars().count())
+    }
 }
 
 impl KeysetDoc {
@@ -244,7 +284,10 @@ impl KeysetDoc {
                 })
             }
         }
-        let doc: KeysetDoc = serde_json::from_value(value).map_err(malformed)?;
+        // Parsed again from the text, not from `value`: only then do errors
+        // say where (a bad timestamp is otherwise just "input contains
+        // invalid characters", with no clue which of dozens it is).
+        let doc: KeysetDoc = serde_json::from_str(text).map_err(malformed)?;
         doc.check_structure(keyset)
             .map_err(|detail| DocumentError::Inconsistent {
                 location: location.to_string(),
@@ -257,15 +300,15 @@ impl KeysetDoc {
     pub fn check_structure(&self, keyset: &str) -> Result<(), String> {
         if self.keyset != keyset {
             return Err(format!(
-                "document is for keyset {:?}, expected {:?}",
-                self.keyset, keyset
+                "document is for keyset {}, expected {keyset:?}",
+                shown(&self.keyset)
             ));
         }
         let mut kids = HashSet::new();
         let mut slots: BTreeMap<(Alg, KeyState), usize> = BTreeMap::new();
         for key in &self.keys {
             if key.kid.is_empty() || !kids.insert(key.kid.as_str()) {
-                return Err(format!("kid {:?} is empty or appears twice", key.kid));
+                return Err(format!("kid {} is empty or appears twice", shown(&key.kid)));
             }
             *slots.entry((key.alg, key.state)).or_default() += 1;
             let shape_ok = match key.state {
@@ -276,7 +319,8 @@ impl KeysetDoc {
             if !shape_ok {
                 return Err(format!(
                     "key {} is {} but its timestamps do not fit that state",
-                    key.kid, key.state
+                    shown(&key.kid),
+                    key.state
                 ));
             }
         }
@@ -304,11 +348,12 @@ impl KeysetDoc {
                 };
                 let jwk = keys
                     .public_jwk(key.alg, &key.private_key_pem)
-                    .map_err(|e| inconsistent(format!("key {}: {e}", key.kid)))?;
+                    .map_err(|e| inconsistent(format!("key {}: {e}", shown(&key.kid))))?;
                 if jwk.kid != key.kid {
                     return Err(inconsistent(format!(
                         "key {} does not match its kid (its thumbprint is {})",
-                        key.kid, jwk.kid
+                        shown(&key.kid),
+                        jwk.kid
                     )));
                 }
                 Ok(jwk)
@@ -321,6 +366,34 @@ impl KeysetDoc {
         zeroize::Zeroizing::new(
             serde_json::to_string_pretty(self).expect("a keyset document always serializes"),
         )
+    }
+
+    /// The stored form, within `limit` bytes when one is given: the oldest
+    /// audit records are dropped until it fits (an AWS secret holds 64 KiB,
+    /// and 200 records of RSA-4096 keysets would not). Keys are never
+    /// dropped; `Err` gives the size without any audit record, when even
+    /// that does not fit.
+    pub fn to_json_within(
+        &mut self,
+        limit: Option<usize>,
+    ) -> Result<zeroize::Zeroizing<String>, usize> {
+        let Some(limit) = limit else {
+            return Ok(self.to_json());
+        };
+        loop {
+            let text = self.to_json();
+            if text.len() <= limit {
+                return Ok(text);
+            }
+            if self.audit.is_empty() {
+                return Err(text.len());
+            }
+            // A pretty-printed record is a few hundred bytes: drop about as
+            // many as the excess needs, at least one, oldest first.
+            let excess = text.len() - limit;
+            let drop = (excess / 256).clamp(1, self.audit.len());
+            self.audit.drain(..drop);
+        }
     }
 
     pub fn key(&self, alg: Alg, state: KeyState) -> Option<&StoredKey> {
@@ -353,6 +426,34 @@ mod tests {
     }
 
     #[test]
+    fn quotes_inside_the_input_cannot_unhide_it() {
+        let secret = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg";
+        let m = without_long_quotes(&format!(
+            "unknown field ``{secret}`, expected one of `kid`, `alg`"
+        ));
+        assert!(!m.contains(secret), "{m}");
+        assert!(m.contains("expected one of `kid`, `alg`"), "{m}");
+        let pem_like = format!("-----BEGIN {} KEY-----\n{secret}\nAB==\n", "PRIVATE");
+        let m = without_long_quotes(&format!("unknown field ``{pem_like}`, expected `kid`"));
+        assert_eq!(m, "unknown field …");
+    }
+
+    #[test]
+    fn long_kids_and_keyset_names_are_not_quoted() {
+        let long = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJaMRBqs0";
+        let doc = format!(r#"{{"schema_version": 1, "keyset": "{long}", "keys": []}}"#);
+        let text = KeysetDoc::parse(&doc, "default", "/x/default.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !text.contains(long) && text.contains("characters, not shown"),
+            "{text}"
+        );
+        let doc = KeysetDoc::new("default");
+        assert!(doc.check_structure("default").is_ok());
+    }
+
+    #[test]
     fn unknown_schema_is_named() {
         let err =
             KeysetDoc::parse(r#"{"schema_version": 7}"#, "default", "/x/default.json").unwrap_err();
@@ -361,5 +462,48 @@ mod tests {
             text.contains("/x/default.json") && text.contains("schema version 7"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn to_json_within_drops_the_oldest_audit_records_only() {
+        let mut doc = KeysetDoc::new("default");
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        for i in 0..150 {
+            doc.push_audit(AuditRecord {
+                at: at + chrono::Duration::seconds(i),
+                event: AuditEvent::Created,
+                kid: format!("kid-{i:03}"),
+                alg: Alg::ES256,
+                trigger: Trigger::Schedule,
+                reason: String::new(),
+                key: KeyTimes::default(),
+            });
+        }
+        let full = doc.to_json().len();
+        assert_eq!(doc.clone().to_json_within(None).unwrap().len(), full);
+
+        let limit = full / 2;
+        let mut trimmed = doc.clone();
+        let text = trimmed.to_json_within(Some(limit)).unwrap();
+        assert!(
+            text.len() <= limit && text.len() > limit / 2,
+            "{} of {limit}",
+            text.len()
+        );
+        assert_eq!(
+            *text,
+            *trimmed.to_json(),
+            "the returned text is the trimmed document"
+        );
+        assert_eq!(
+            trimmed.audit.last(),
+            doc.audit.last(),
+            "the newest record stays"
+        );
+        assert!(trimmed.audit.len() < doc.audit.len());
+
+        // Nothing left to drop: the size without any record.
+        let bare = KeysetDoc::new("default").to_json().len();
+        assert_eq!(doc.clone().to_json_within(Some(bare - 1)), Err(bare));
     }
 }

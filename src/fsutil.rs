@@ -25,7 +25,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         .set_permissions(Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    remove_stale_temps(dir, &prefix);
+    Ok(())
+}
+
+/// A temp file this old was left by a writer that was killed between
+/// creating and renaming it (a live writer renames within milliseconds).
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes `.<name>.XXXXXX` files that killed writers left beside the
+/// target: in the store folder they hold private keys. Best effort, and only
+/// after a successful write, so it costs one directory read per change.
+fn remove_stale_temps(dir: &Path, prefix: &std::ffi::OsStr) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = prefix.as_encoded_bytes();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.as_encoded_bytes();
+        // tempfile's names: the prefix, then 6 random characters.
+        if name.len() != prefix.len() + 6 || !name.starts_with(prefix) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Writes only when the content or the mode differs: outputs watched by
@@ -89,5 +122,35 @@ mod tests {
         );
         // No temp files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_write_removes_temps_that_killed_writers_left_only_when_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("default.json");
+        let left = |name: &str, age_secs: u64| {
+            let file = File::create(dir.path().join(name)).unwrap();
+            let at = std::time::SystemTime::now() - std::time::Duration::from_secs(age_secs);
+            file.set_modified(at).unwrap();
+        };
+        left(".default.json.aB3dE9", 3600); // a killed writer's, an hour ago
+        left(".default.json.zZ9yY8", 0); // a live writer's, right now
+        left(".other.json.aB3dE9", 3600); // another file's: not ours to judge
+        left(".default.json.notatemp", 3600); // not tempfile's shape
+        write_atomic(&path, b"doc", 0o600).unwrap();
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".default.json.notatemp",
+                ".default.json.zZ9yY8",
+                ".other.json.aB3dE9",
+                "default.json"
+            ]
+        );
     }
 }

@@ -140,7 +140,8 @@ impl Reconciler {
                     conflicts,
                 });
             }
-            let (doc, committed, fresh_jwks) = self.carry_out(policy, &snapshot.doc, &plan).await?;
+            let (mut doc, committed, fresh_jwks) =
+                self.carry_out(policy, &snapshot.doc, &plan).await?;
             // The same rules a load enforces: a planner bug must fail this
             // reconcile, not store a document every later load refuses.
             doc.check_structure(&policy.name)
@@ -148,7 +149,17 @@ impl Reconciler {
                     keyset: policy.name.clone(),
                     detail,
                 })?;
-            let text = doc.to_json();
+            let limit = self.store.max_document_bytes();
+            let text = doc
+                .to_json_within(limit)
+                .map_err(|size| StoreError::Rejected {
+                    location: self.store.location(&policy.name),
+                    message: format!(
+                        "the keyset document needs {size} bytes and the store holds at most {}; \
+                         use fewer algorithms or smaller RSA keys in this keyset",
+                        limit.unwrap_or_default()
+                    ),
+                })?;
             match self
                 .store
                 .save(&policy.name, &text, snapshot.version.as_ref())

@@ -1117,6 +1117,17 @@ fn manual_rotate_and_revoke_against_a_running_daemon() {
     assert_eq!(row(&rows, "ES256", "active").kid, current.kid);
     assert!(rows.iter().all(|r| r.state != "retired"), "{rows:?}");
 
+    // The same revoke again (its first answer lost, say): already done, so
+    // it succeeds and changes nothing.
+    let before = fs::read(sb.store_file("guarded")).expect("the store file");
+    sb.cli(&["revoke", "guarded", "--", &old_key.kid])
+        .ok()
+        .stdout_has(&["already revoked", &old_key.kid]);
+    assert_eq!(
+        fs::read(sb.store_file("guarded")).expect("the store file"),
+        before
+    );
+
     // Unknown kid or keyset: usage errors, nothing changes.
     let before = fs::read(sb.store_file("quick")).expect("the store file");
     sb.cli(&["revoke", "quick", "no-such-kid"])

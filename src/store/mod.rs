@@ -4,12 +4,14 @@
 //! daemon or the CLI, is load → plan → save(expected version); on a conflict
 //! the writer reloads and plans again. There is no other write path.
 
+mod aws;
 mod file;
 mod memory;
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
+pub use aws::{AwsStore, MAX_SECRET_BYTES, PENDING_LABEL};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
@@ -43,6 +45,11 @@ pub enum StoreError {
     /// The backend could not be reached or failed; worth retrying later.
     #[error("{location}: {message}")]
     Unavailable { location: String, message: String },
+    /// The backend refused the request for a reason that lasts until an
+    /// operator acts: access denied, a disabled KMS key, a secret marked for
+    /// deletion, a document too large.
+    #[error("{location}: {message}")]
+    Rejected { location: String, message: String },
 }
 
 impl StoreError {
@@ -94,25 +101,34 @@ pub trait Store: Send + Sync {
     async fn fingerprint(&self, _keyset: &str) -> Option<String> {
         None
     }
+
+    /// The largest document the backend can hold, if it has a limit; the
+    /// reconciler trims the oldest audit records to fit it.
+    fn max_document_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(
-        "store type \"aws-secrets-manager\" is not available in this keyroll build yet; \
-         use type = \"file\" (the AWS Secrets Manager store is planned work)"
+        "store type \"aws-secrets-manager\": no AWS region; set store.region in the config, \
+         or AWS_REGION / a profile's region in the environment"
     )]
-    AwsNotBuilt,
+    AwsNoRegion,
 }
 
-/// Opens the store the config names.
-pub fn open(
+/// Opens the store the config names. For AWS this builds the process's
+/// client (credentials are resolved at the first request).
+pub async fn open(
     settings: &crate::config::StoreSettings,
 ) -> Result<std::sync::Arc<dyn Store>, OpenError> {
     match settings {
         crate::config::StoreSettings::File { dir } => {
             Ok(std::sync::Arc::new(FileStore::new(dir.clone())))
         }
-        crate::config::StoreSettings::AwsSecretsManager(_) => Err(OpenError::AwsNotBuilt),
+        crate::config::StoreSettings::AwsSecretsManager(aws) => {
+            Ok(std::sync::Arc::new(AwsStore::connect(aws).await?))
+        }
     }
 }

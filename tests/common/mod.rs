@@ -810,11 +810,41 @@ pub struct SignerKey {
     pub pem: Vec<u8>,
 }
 
+/// Reads `<ALG>.kid` and `<ALG>.pem` as a careful signer does. Each file is
+/// replaced atomically but the pair is not: a read that straddles an
+/// activation can pair the new kid with the old key. So the pair is checked
+/// (the kid is the RFC 7638 thumbprint of the key) and read again until it
+/// agrees; `signing.json` is the one-file alternative the README gives.
 pub fn read_signer(dir: &Path, alg: &'static str) -> Result<SignerKey, String> {
-    let kid = fs::read_to_string(dir.join(format!("{alg}.kid")))
-        .map_err(|e| format!("{alg}.kid: {e}"))?;
-    let pem = fs::read(dir.join(format!("{alg}.pem"))).map_err(|e| format!("{alg}.pem: {e}"))?;
-    Ok(SignerKey { alg, kid, pem })
+    let deadline = Instant::now() + LONG;
+    loop {
+        let kid = fs::read_to_string(dir.join(format!("{alg}.kid")))
+            .map_err(|e| format!("{alg}.kid: {e}"))?;
+        let pem =
+            fs::read(dir.join(format!("{alg}.pem"))).map_err(|e| format!("{alg}.pem: {e}"))?;
+        let of_pem = pem_kid(alg, &pem)?;
+        if of_pem == kid {
+            return Ok(SignerKey { alg, kid, pem });
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{alg}.kid says {kid} but {alg}.pem holds {of_pem}, for {LONG:?}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The kid of a PEM's key: only to pair `<ALG>.kid` with `<ALG>.pem`.
+fn pem_kid(alg: &str, pem: &[u8]) -> Result<String, String> {
+    use keyroll::key::KeyFactory;
+    let alg: keyroll::key::Alg = alg.parse().map_err(|_| format!("unknown alg {alg}"))?;
+    let text = String::from_utf8(pem.to_vec()).map_err(|_| format!("{alg}.pem is not UTF-8"))?;
+    let pem = keyroll::key::SecretPem::new(zeroize::Zeroizing::new(text));
+    keyroll::key::CryptoKeys
+        .public_jwk(alg, &pem)
+        .map(|jwk| jwk.kid)
+        .map_err(|e| format!("{alg}.pem: {e}"))
 }
 
 pub fn algorithm(alg: &str) -> Algorithm {

@@ -177,3 +177,5 @@ impl PolicyText {
 pub fn policy() -> KeysetPolicy {
     PolicyText::default().build()
 }
+
+pub mod aws;
