@@ -271,6 +271,15 @@ impl KeysetDoc {
         let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
         match value.get("schema_version") {
             Some(v) if v.as_u64() == Some(SCHEMA_VERSION as u64) => {}
+            Some(v) if !v.is_u64() => {
+                return Err(DocumentError::Malformed {
+                    location: location.to_string(),
+                    detail: format!(
+                        "schema_version is {}, not a whole number",
+                        without_long_quotes(&v.to_string())
+                    ),
+                })
+            }
             Some(v) => {
                 return Err(DocumentError::UnknownSchema {
                     location: location.to_string(),
