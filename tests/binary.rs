@@ -321,9 +321,7 @@ fn scheduled_rotations_never_break_an_independent_verifier() {
         "verified {verified} tokens, {torn_reads} torn pem/kid reads retried, {} kids checked, active keys {active_history:?}",
         certificates.len()
     );
-    let (status, took) = daemon.stop("TERM");
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
-    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    daemon.stop_cleanly("TERM");
 }
 
 /// The timing rules of SPEC §1 as `status --json` shows them.
@@ -619,9 +617,7 @@ fn http_serves_jwks_with_cache_semantics_health_and_metrics() {
         ) != Some(1.0)
     );
 
-    let (status, took) = daemon.stop("INT");
-    assert_eq!(status.code(), Some(0), "SIGINT exits 0");
-    assert!(took < Duration::from_secs(5), "SIGINT took {took:?}");
+    daemon.stop_cleanly("INT");
 }
 
 // ---- 3. the CLI: status, jwks, validate, invalid configs ----------------------
@@ -1820,15 +1816,8 @@ fn sighup_reloads_the_config_and_keeps_the_old_one_when_invalid() {
         b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n",
     )
     .expect("send half a request");
-    let (status, took) = daemon.stop("TERM");
+    daemon.stop_cleanly("TERM");
     drop(stalled);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "SIGTERM exits 0:\n{}",
-        tail(&daemon.stderr())
-    );
-    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
     assert!(
         get(&sb.url("/healthz")).is_err(),
         "nothing listens after the exit"

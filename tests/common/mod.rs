@@ -408,6 +408,18 @@ impl Daemon {
         self.exited = Some(status);
         (status, sent.elapsed())
     }
+    /// Stops with `signal` and checks the exit is clean and within SPEC
+    /// §5's 5 s.
+    pub fn stop_cleanly(&mut self, signal: &str) {
+        let (status, took) = self.stop(signal);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "SIG{signal} exits 0:\n{}",
+            tail(&self.stderr())
+        );
+        assert!(took < Duration::from_secs(5), "SIG{signal} took {took:?}");
+    }
 }
 
 impl Drop for Daemon {
