@@ -336,16 +336,25 @@ fn validate(config: &Config) -> Result<(), CliError> {
         ));
         out.push_str(&format!("  rotation: {}\n", k.schedule.describe()));
         out.push_str(&format!(
-            "  token_ttl {}, jwks_cache_ttl {}, propagation {}, clock_skew {}\n",
+            "  token_ttl {}, jwks_cache_ttl {}, verifier_cache_ttl {}, propagation {}, clock_skew {}\n",
             show(t.token_ttl),
             show(t.jwks_cache_ttl),
+            show(t.verifier_cache_ttl),
             show(t.propagation),
             show(t.clock_skew)
         ));
-        out.push_str(&format!(
-            "  publish_lead = jwks_cache_ttl + propagation = {}\n",
-            show(t.publish_lead())
-        ));
+        if t.relay_cache.is_zero() {
+            out.push_str(&format!(
+                "  publish_lead = verifier_cache_ttl + propagation = {}\n",
+                show(t.publish_lead())
+            ));
+        } else {
+            out.push_str(&format!(
+                "  publish_lead = verifier_cache_ttl + propagation + kube-apiserver cache ({}) = {}\n",
+                show(t.relay_cache),
+                show(t.publish_lead())
+            ));
+        }
         out.push_str(&format!(
             "  retire_grace = token_ttl + clock_skew + propagation = {}\n",
             show(t.retire_grace())

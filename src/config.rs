@@ -25,6 +25,10 @@ const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 const DEFAULT_ROTATE_EVERY: Duration = Duration::from_secs(7 * 86400);
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
+/// Most JOSE libraries cache a JWKS by their own clock, not `max-age`
+/// (README, "How verifiers cache"); an hour covers all but
+/// Microsoft.IdentityModel's 12 h.
+const DEFAULT_VERIFIER_CACHE_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 const DEFAULT_RSA_BITS: u32 = 2048;
 /// The longest duration a setting may have: 100 years.
@@ -101,14 +105,20 @@ pub struct AwsSettings {
 pub struct Timings {
     pub token_ttl: Duration,
     pub jwks_cache_ttl: Duration,
+    /// The longest any verifier keeps a fetched JWKS, whatever `max-age` says.
+    pub verifier_cache_ttl: Duration,
     pub propagation: Duration,
     pub clock_skew: Duration,
+    /// How long a relay between keyroll and the verifiers may keep serving
+    /// keys it fetched: the kube-apiserver re-serves what the external
+    /// signer's `FetchKeys` gave it for `jwks_cache_ttl`. Zero otherwise.
+    pub relay_cache: Duration,
 }
 
 impl Timings {
     /// A key is never activated before it has been published this long.
     pub fn publish_lead(&self) -> Duration {
-        self.jwks_cache_ttl + self.propagation
+        self.verifier_cache_ttl + self.propagation + self.relay_cache
     }
 
     /// A retired key stays published this long after it stopped signing.
@@ -199,6 +209,7 @@ struct RawKeyset {
     rotate_every: Option<Spanned<String>>,
     token_ttl: Option<Spanned<String>>,
     jwks_cache_ttl: Option<Spanned<String>>,
+    verifier_cache_ttl: Option<Spanned<String>>,
     propagation: Option<Spanned<String>>,
     clock_skew: Option<Spanned<String>>,
     x5c: Option<bool>,
@@ -615,21 +626,44 @@ fn build_keyset(
     };
 
     let propagation_default = reconcile_interval * 2;
+    let jwks_cache_ttl = c
+        .duration(raw.jwks_cache_ttl.as_ref(), &key("jwks_cache_ttl"))
+        .unwrap_or(DEFAULT_JWKS_CACHE_TTL);
+    let verifier_cache_ttl = match c
+        .duration(raw.verifier_cache_ttl.as_ref(), &key("verifier_cache_ttl"))
+    {
+        Some(ttl) if ttl < jwks_cache_ttl => {
+            let message = format!(
+                "{} is shorter than jwks_cache_ttl ({}): a verifier honouring max-age alone already caches that long; raise verifier_cache_ttl or lower jwks_cache_ttl",
+                show(ttl),
+                show(jwks_cache_ttl)
+            );
+            c.problem(
+                raw.verifier_cache_ttl.as_ref(),
+                &key("verifier_cache_ttl"),
+                message,
+            );
+            jwks_cache_ttl
+        }
+        Some(ttl) => ttl,
+        // The default never undercuts an explicit, longer max-age.
+        None => DEFAULT_VERIFIER_CACHE_TTL.max(jwks_cache_ttl),
+    };
     let timings = Timings {
         token_ttl: c.positive_duration(
             raw.token_ttl.as_ref(),
             &key("token_ttl"),
             DEFAULT_TOKEN_TTL,
         ),
-        jwks_cache_ttl: c
-            .duration(raw.jwks_cache_ttl.as_ref(), &key("jwks_cache_ttl"))
-            .unwrap_or(DEFAULT_JWKS_CACHE_TTL),
+        jwks_cache_ttl,
+        verifier_cache_ttl,
         propagation: c
             .duration(raw.propagation.as_ref(), &key("propagation"))
             .unwrap_or(propagation_default),
         clock_skew: c
             .duration(raw.clock_skew.as_ref(), &key("clock_skew"))
             .unwrap_or(DEFAULT_CLOCK_SKEW),
+        relay_cache: Duration::ZERO,
     };
     if timings.propagation < reconcile_interval {
         warnings.push(format!(
@@ -736,12 +770,17 @@ fn build_schedule(
         }
         Some(gap) if gap < lead => {
             let message = format!(
-                "rotations {} apart{apart} are shorter than publish_lead = jwks_cache_ttl ({}) + propagation ({}) = {}: \
+                "rotations {} apart{apart} are shorter than publish_lead = verifier_cache_ttl ({}) + propagation ({}){} = {}: \
                  a verifier could meet a token signed with a key it has not fetched yet; \
-                 rotate at most every {} or shorten jwks_cache_ttl/propagation",
+                 rotate at most every {} or shorten verifier_cache_ttl (knowing your verifiers, see the README) or propagation",
                 show(gap),
-                show(timings.jwks_cache_ttl),
+                show(timings.verifier_cache_ttl),
                 show(timings.propagation),
+                if timings.relay_cache.is_zero() {
+                    String::new()
+                } else {
+                    format!(" + the kube-apiserver's cache ({})", show(timings.relay_cache))
+                },
                 show(lead),
                 show(lead)
             );
@@ -852,7 +891,7 @@ mod tests {
         let config = parse("reconcile_interval = \"10s\"\n[[keysets]]\nname = \"a\"\n").unwrap();
         let timings = config.keysets[0].timings;
         assert_eq!(timings.propagation, Duration::from_secs(20));
-        assert_eq!(timings.publish_lead(), Duration::from_secs(320));
+        assert_eq!(timings.publish_lead(), Duration::from_secs(3620));
         assert_eq!(timings.retire_grace(), Duration::from_secs(3600 + 60 + 20));
     }
 

@@ -196,6 +196,7 @@ algorithms = ["ES256", "RS256"]
 rotate_every = "1h"
 token_ttl = "5s"
 jwks_cache_ttl = "2s"
+verifier_cache_ttl = "2s"
 propagation = "2s"
 clock_skew = "1s"
 "#;

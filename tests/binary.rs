@@ -376,7 +376,10 @@ fn check_status_rows(rows: &[KeyRow]) {
 #[test]
 fn http_serves_jwks_with_cache_semantics_health_and_metrics() {
     let sb = Sandbox::new();
-    let default_timings = STEADY.replace("jwks_cache_ttl = \"2s\"", "jwks_cache_ttl = \"37s\"");
+    let default_timings = STEADY.replace(
+        "jwks_cache_ttl = \"2s\"\nverifier_cache_ttl = \"2s\"",
+        "jwks_cache_ttl = \"37s\"\nverifier_cache_ttl = \"37s\"",
+    );
     sb.write_config(&format!(
         "{}{}",
         keyset_block("default", &["ES256"], &default_timings, ""),
@@ -786,7 +789,7 @@ fn validate_prints_derived_timings_and_bad_configs_exit_2_naming_key_and_line() 
             "keyset default",
             "ES256, RS256",
             // 5m + 2 × 30s and 1h + 1m + 2 × 30s
-            "publish_lead = jwks_cache_ttl + propagation = 6m",
+            "publish_lead = verifier_cache_ttl + propagation = 1h 1m",
             "retire_grace = token_ttl + clock_skew + propagation = 1h 2m",
         ]);
         let state_directory = sb.path("systemd-state");
@@ -864,7 +867,10 @@ fn manual_rotate_and_revoke_against_a_running_daemon() {
     let quick_signing = sb.path("signing/quick");
     let guarded_signing = sb.path("signing/guarded");
     // "guarded": publish_lead = 58s + 2s = 60s, so its next key stays young.
-    let guarded_timings = STEADY.replace("jwks_cache_ttl = \"2s\"", "jwks_cache_ttl = \"58s\"");
+    let guarded_timings = STEADY.replace(
+        "jwks_cache_ttl = \"2s\"\nverifier_cache_ttl = \"2s\"",
+        "jwks_cache_ttl = \"2s\"\nverifier_cache_ttl = \"58s\"",
+    );
     sb.write_config(&format!(
         "{}{}",
         keyset_block("quick", &ALGS, STEADY, &outputs(None, Some(&quick_signing))),

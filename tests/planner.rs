@@ -368,14 +368,15 @@ fn publish_lead_and_retire_grace_follow_the_spec_formulas() {
         schedule: r#"rotate_every = "2d""#.into(),
         token_ttl: "2h",
         jwks_cache_ttl: "10m",
+        verifier_cache_ttl: Some("40m"),
         propagation: "3m",
         clock_skew: "30s",
     }
     .build();
-    // publish_lead = jwks_cache_ttl + propagation
+    // publish_lead = verifier_cache_ttl + propagation
     assert_eq!(
         policy.timings.publish_lead(),
-        Duration::from_secs(600 + 180)
+        Duration::from_secs(2400 + 180)
     );
     // retire_grace = token_ttl + clock_skew + propagation
     assert_eq!(

@@ -38,6 +38,7 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 pub const FAST: &str = r#"rotate_every = "10s"
 token_ttl = "5s"
 jwks_cache_ttl = "2s"
+verifier_cache_ttl = "2s"
 propagation = "2s"
 clock_skew = "1s"
 "#;
@@ -50,6 +51,7 @@ pub const ROTATE_EVERY: i64 = 10;
 pub const STEADY: &str = r#"rotate_every = "1h"
 token_ttl = "5s"
 jwks_cache_ttl = "2s"
+verifier_cache_ttl = "2s"
 propagation = "2s"
 clock_skew = "1s"
 "#;

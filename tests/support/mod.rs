@@ -134,6 +134,8 @@ pub struct PolicyText {
     pub schedule: String,
     pub token_ttl: &'static str,
     pub jwks_cache_ttl: &'static str,
+    /// `None`: the same as `jwks_cache_ttl` (verifiers that honour max-age).
+    pub verifier_cache_ttl: Option<&'static str>,
     pub propagation: &'static str,
     pub clock_skew: &'static str,
 }
@@ -145,6 +147,7 @@ impl Default for PolicyText {
             schedule: r#"rotate_every = "1d""#.to_string(),
             token_ttl: "1h",
             jwks_cache_ttl: "5m",
+            verifier_cache_ttl: None,
             propagation: "1m",
             clock_skew: "1m",
         }
@@ -155,8 +158,8 @@ impl PolicyText {
     pub fn build(&self) -> KeysetPolicy {
         let text = format!(
             "[store]\ntype = \"file\"\ndir = \"/nonexistent\"\n\n[[keysets]]\nname = \"default\"\nalgorithms = {}\n{}\n\
-             token_ttl = \"{}\"\njwks_cache_ttl = \"{}\"\npropagation = \"{}\"\nclock_skew = \"{}\"\n",
-            self.algorithms, self.schedule, self.token_ttl, self.jwks_cache_ttl, self.propagation, self.clock_skew
+             token_ttl = \"{}\"\njwks_cache_ttl = \"{}\"\nverifier_cache_ttl = \"{}\"\npropagation = \"{}\"\nclock_skew = \"{}\"\n",
+            self.algorithms, self.schedule, self.token_ttl, self.jwks_cache_ttl, self.verifier_cache_ttl.unwrap_or(self.jwks_cache_ttl), self.propagation, self.clock_skew
         );
         let config = Config::parse(
             &text,
