@@ -385,6 +385,7 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), CliErro
         }),
         keys: Arc::new(CryptoKeys),
         clock: Arc::new(SystemClock),
+        store: None,
     };
     daemon::run(setup, termination())
         .await
@@ -410,6 +411,17 @@ async fn termination() {
         // Without handlers the default action (exit) still stops us.
         _ => std::future::pending().await,
     }
+}
+
+/// The public keys a keyset's `jwks_file` holds: should its document be
+/// missing, a CLI write must not silently bootstrap it either (SPEC C2).
+fn published_before(policy: &KeysetPolicy) -> Vec<crate::key::PublicJwk> {
+    policy
+        .jwks_file
+        .as_ref()
+        .and_then(|path| std::fs::read(path).ok())
+        .map(|body| publish::parse_public_keys(&body))
+        .unwrap_or_default()
 }
 
 async fn reconciler(config: &Config) -> Result<Reconciler, CliError> {
@@ -495,6 +507,17 @@ struct KeysetStatus {
     next_rotation: Option<String>,
     /// The next lifecycle event of any slot (a rotation, a removal, …).
     next_event: Option<EventStatus>,
+    /// `verifier_cache_ttl + propagation (+ relay)`, as text (`1h 1m`).
+    publish_lead: String,
+    retire_grace: String,
+    /// SPEC C2: when the stored document was found missing after it had
+    /// been published, until an operator acts (`rotate` or `revoke`).
+    document_lost_at: Option<String>,
+    /// SPEC C6: how far the document's newest timestamp is ahead of this
+    /// clock, in seconds, when more than `clock_skew`.
+    clock_behind_seconds: Option<f64>,
+    /// Warnings the planner has for this keyset now.
+    warnings: Vec<String>,
     slots: Vec<SlotStatus>,
     keys: Vec<KeyStatus>,
 }
@@ -532,8 +555,10 @@ fn keyset_status(
     location: String,
     now: Timestamp,
 ) -> KeysetStatus {
-    let outlook = planner::plan(now, &snapshot.doc, policy, None)
-        .map(|plan| plan.outlook)
+    let plan = planner::plan(now, &snapshot.doc, policy, None).ok();
+    let outlook = plan
+        .as_ref()
+        .map(|plan| plan.outlook.clone())
         .unwrap_or_default();
     let ts = |t: Option<Timestamp>| t.map(rfc3339);
     let mut keys: Vec<KeyStatus> = snapshot
@@ -551,6 +576,17 @@ fn keyset_status(
             remove_at: ts(k.remove_at),
         })
         .collect();
+    // Keys kept from a lost document (C2) are published as retired.
+    keys.extend(snapshot.doc.orphans.iter().map(|o| KeyStatus {
+        kid: o.kid.clone(),
+        alg: o.alg,
+        state: KeyState::Retired,
+        created_at: None,
+        published_at: None,
+        activated_at: None,
+        retired_at: ts(Some(o.retired_at)),
+        remove_at: ts(Some(o.remove_at)),
+    }));
     keys.sort_by(|a, b| {
         (a.state != KeyState::Active, a.state, a.alg).cmp(&(
             b.state != KeyState::Active,
@@ -573,6 +609,14 @@ fn keyset_status(
         bootstrapped: snapshot.version.is_some(),
         next_rotation: ts(outlook.iter().filter_map(|s| s.next_rotation).min()),
         next_event,
+        publish_lead: show(policy.timings.publish_lead()),
+        retire_grace: show(policy.timings.retire_grace()),
+        document_lost_at: snapshot.doc.lost.as_ref().map(|l| rfc3339(l.detected_at)),
+        clock_behind_seconds: plan
+            .as_ref()
+            .and_then(|p| p.clock_behind)
+            .map(|d| d.num_milliseconds() as f64 / 1000.0),
+        warnings: plan.map(|p| p.warnings).unwrap_or_default(),
         slots: outlook
             .iter()
             .map(|s| SlotStatus {
@@ -607,6 +651,18 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
             out.push_str(
                 "  not bootstrapped yet: `keyroll run` (or `keyroll rotate`) creates its keys\n",
             );
+        }
+        out.push_str(&format!(
+            "  publish_lead {}, retire_grace {}\n",
+            k.publish_lead, k.retire_grace
+        ));
+        if let Some(at) = &k.document_lost_at {
+            out.push_str(&format!(
+                "  DOCUMENT LOST: found missing at {at}; the keys published before stay published until their remove_at (SPEC C2); `keyroll rotate` acknowledges\n"
+            ));
+        }
+        for warning in &k.warnings {
+            out.push_str(&format!("  warning: {warning}\n"));
         }
         if let Some(e) = &k.next_event {
             out.push_str(&format!(
@@ -676,7 +732,7 @@ async fn rotate(
     let action = Action::Rotate { alg, force };
     let outcome = reconciler(config)
         .await?
-        .reconcile(policy, Some(&action))
+        .reconcile_with(policy, Some(&action), &published_before(policy))
         .await?;
     for warning in &outcome.plan.warnings {
         eprintln!("warning: {warning}");
@@ -721,7 +777,10 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
         reason: reason.to_string(),
     };
     let reconciler = reconciler(config).await?;
-    let outcome = match reconciler.reconcile(policy, Some(&action)).await {
+    let outcome = match reconciler
+        .reconcile_with(policy, Some(&action), &published_before(policy))
+        .await
+    {
         Ok(outcome) => outcome,
         Err(e @ ReconcileError::Plan(PlanError::UnknownKid { .. })) => {
             // A revoke repeated after its answer was lost (a timeout, a
@@ -747,6 +806,9 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
         }
         Err(other) => return Err(other.into()),
     };
+    for warning in &outcome.plan.warnings {
+        eprintln!("warning: {warning}");
+    }
     for record in &outcome.committed {
         daemon::log_transition(&policy.name, record);
     }

@@ -137,8 +137,23 @@ pub struct KeysetPolicy {
     pub schedule: Schedule,
     pub timings: Timings,
     pub x5c: bool,
+    /// SPEC C5: how long a replica may go without loading the document
+    /// before it fails closed (default: the rotation period; for a cron
+    /// schedule, the longest gap between two ticks).
+    pub max_stale: Duration,
     pub jwks_file: Option<PathBuf>,
     pub signing_dir: Option<PathBuf>,
+}
+
+impl KeysetPolicy {
+    /// The policy of a keyset removed from the config (SPEC C1): no slot
+    /// any more, so every key retires and goes after its grace.
+    pub fn retiring(&self) -> KeysetPolicy {
+        KeysetPolicy {
+            algorithms: Vec::new(),
+            ..self.clone()
+        }
+    }
 }
 
 /// One mistake in the config: the key, its line when known, what is wrong.
@@ -213,6 +228,7 @@ struct RawKeyset {
     propagation: Option<Spanned<String>>,
     clock_skew: Option<Spanned<String>>,
     x5c: Option<bool>,
+    max_stale: Option<Spanned<String>>,
     jwks_file: Option<Spanned<PathBuf>>,
     signing_dir: Option<Spanned<PathBuf>>,
 }
@@ -674,6 +690,7 @@ fn build_keyset(
     }
 
     let schedule = build_schedule(&raw, &key, timings, context, c);
+    let max_stale = build_max_stale(&raw, &key, &schedule, reconcile_interval, context, c);
 
     KeysetPolicy {
         name,
@@ -682,9 +699,50 @@ fn build_keyset(
         schedule,
         timings,
         x5c: raw.x5c.unwrap_or(true),
+        max_stale,
         jwks_file: raw.jwks_file.map(Spanned::into_inner),
         signing_dir: raw.signing_dir.map(Spanned::into_inner),
     }
+}
+
+/// `max_stale` (SPEC C5): at most the rotation period, so a replica cut
+/// off from the store fails closed before it could miss a second rotation;
+/// at least two `reconcile_interval`s, so one slow load does not trip it.
+fn build_max_stale(
+    raw: &RawKeyset,
+    key: &dyn Fn(&str) -> String,
+    schedule: &Schedule,
+    reconcile_interval: Duration,
+    context: &ParseContext,
+    c: &mut Checker,
+) -> Duration {
+    let period = schedule
+        .longest_gap(context.now)
+        .unwrap_or(DEFAULT_ROTATE_EVERY);
+    let Some(max_stale) = c.duration(raw.max_stale.as_ref(), &key("max_stale")) else {
+        return period;
+    };
+    let floor = reconcile_interval * 2;
+    if max_stale > period {
+        let message = format!(
+            "{} is longer than the rotation period ({}): a replica cut off from the store would keep \
+             signing after the other replicas rotated twice; use at most {}",
+            show(max_stale),
+            show(period),
+            show(period)
+        );
+        c.problem(raw.max_stale.as_ref(), &key("max_stale"), message);
+    } else if max_stale < floor {
+        let message = format!(
+            "{} is shorter than two reconcile_interval ({}): one slow load would fail the replica closed; \
+             use at least {}",
+            show(max_stale),
+            show(reconcile_interval),
+            show(floor)
+        );
+        c.problem(raw.max_stale.as_ref(), &key("max_stale"), message);
+    }
+    max_stale
 }
 
 fn build_algorithms(raw: Option<&Spanned<Vec<String>>>, key: &str, c: &mut Checker) -> Vec<Alg> {
@@ -838,7 +896,7 @@ mod tests {
 
     #[test]
     fn unsafe_rotation_period_names_fields_and_numbers() {
-        let err = parse("[[keysets]]\nname = \"a\"\nrotate_every = \"5m\"\njwks_cache_ttl = \"5m\"\npropagation = \"1m\"\n")
+        let err = parse("[[keysets]]\nname = \"a\"\nrotate_every = \"5m\"\nverifier_cache_ttl = \"5m\"\npropagation = \"1m\"\n")
             .unwrap_err();
         let text = err.to_string();
         for needle in ["line 3", "rotate_every", "publish_lead", "5m", "1m", "6m"] {

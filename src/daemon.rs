@@ -1,9 +1,19 @@
 //! `keyroll run`: reconcile every keyset, publish, sleep until the next
 //! scheduled instant (or `reconcile_interval`, whichever is first), repeat.
-//! SIGHUP reloads the config; the shutdown future (SIGTERM/SIGINT in
-//! production) stops it within seconds. Speaks sd_notify to systemd.
+//!
+//! The loop is split into [`Daemon::start`], [`Daemon::pass`],
+//! [`Daemon::sleep`] and [`Daemon::stop`], so a test can drive one or many
+//! daemons in-process under tokio's paused clock; [`run`] strings them
+//! together with signals and sd_notify for the binary.
+//!
+//! What a pass guarantees beyond "load, plan, save, publish" (SPEC C1–C6):
+//! a keyset removed from the config keeps its JWKS until its last key's
+//! `remove_at` but offers no signing key; a replica that cannot load the
+//! store follows the plan of the last document it loaded, switching its
+//! outputs on time without waiting for a hung store call, and fails closed
+//! after `max_stale`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,18 +26,22 @@ use tokio::time::Instant;
 
 use crate::clock::{rfc3339, Clock, Timestamp};
 use crate::config::{Config, ConfigError, KeysetPolicy};
-use crate::document::{AuditEvent, AuditRecord, Trigger};
-use crate::key::KeyFactory;
+use crate::document::{AuditEvent, AuditRecord, KeyState, KeysetDoc, Trigger};
+use crate::key::{KeyFactory, PublicJwk};
 use crate::metrics::Metrics;
 use crate::planner::SlotOutlook;
 use crate::publish::{self, Served, ServedState};
 use crate::reconcile::{Outcome, ReconcileError, Reconciler, Snapshot};
-use crate::store::{self, StoreError};
+use crate::store::{self, Store, StoreError};
 
 /// The longest wait between retries of a failing keyset.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often an idle daemon checks whether another writer changed a document.
 const CHANGE_POLL: Duration = Duration::from_millis(500);
+/// The longest one keyset's store calls may take in a pass when no
+/// scheduled switch comes sooner; the store's own budget (15 s on AWS) is
+/// normally shorter. Bounds a store that hangs without ever failing.
+const HUNG_STORE: Duration = Duration::from_secs(60);
 /// How long in-flight HTTP requests get once shutdown starts. With the
 /// runtime's one-second grace for blocking work (cli.rs), SIGTERM to exit
 /// stays well inside SPEC §5's 5 s.
@@ -46,16 +60,84 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-/// Everything `run` needs from outside, so tests can hand in their own.
+/// Everything the daemon needs from outside, so tests can hand in their own.
 pub struct Setup {
     pub config: Config,
     /// Reads the config again on SIGHUP.
     pub reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send>,
     pub keys: Arc<dyn KeyFactory>,
     pub clock: Arc<dyn Clock>,
+    /// The store to use instead of the one the config names (tests).
+    pub store: Option<Arc<dyn Store>>,
 }
 
-struct Daemon {
+/// Why [`Daemon::sleep`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wakeup {
+    Shutdown,
+    Hangup,
+    /// The next scheduled instant, a retry, or `reconcile_interval`.
+    Timer,
+    StoreChanged,
+}
+
+/// What this process knows of one keyset between passes.
+struct KeysetRun {
+    policy: KeysetPolicy,
+    /// SPEC C1: no longer in the config; served until its last `remove_at`.
+    removed: bool,
+    /// The last document the store gave or accepted.
+    last_good: Option<Snapshot>,
+    /// When the store last answered a load of this keyset.
+    last_load: Option<Timestamp>,
+    /// The public keys this process served (or found in `jwks_file` at
+    /// start): kept published should the document go missing (C2).
+    published: Vec<PublicJwk>,
+    failures: u32,
+    outlook: Vec<SlotOutlook>,
+    /// When to look again, from the last plan or projection.
+    wake_at: Option<Timestamp>,
+    failed_closed: bool,
+}
+
+impl KeysetRun {
+    fn new(policy: KeysetPolicy) -> Self {
+        let published = policy
+            .jwks_file
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .map(|body| publish::parse_public_keys(&body))
+            .unwrap_or_default();
+        KeysetRun {
+            policy,
+            removed: false,
+            last_good: None,
+            last_load: None,
+            published,
+            failures: 0,
+            outlook: Vec::new(),
+            wake_at: None,
+            failed_closed: false,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.policy.name
+    }
+
+    /// When this replica fails closed without a successful load (C5).
+    fn stale_at(&self) -> Option<Timestamp> {
+        self.last_load.map(|at| after(at, self.policy.max_stale))
+    }
+}
+
+/// Whether signers get keys, and if not, why.
+enum Offer {
+    Keys,
+    Withheld(String),
+}
+
+pub struct Daemon {
     config: Config,
     reconciler: Reconciler,
     keys: Arc<dyn KeyFactory>,
@@ -63,90 +145,42 @@ struct Daemon {
     metrics: Arc<Metrics>,
     served: ServedState,
     reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send>,
-    /// Consecutive failures per keyset, for the backoff.
-    failures: HashMap<String, u32>,
-    /// The latest outlook of each keyset's slots, for systemd's STATUS=.
-    outlook: HashMap<String, Vec<SlotOutlook>>,
-    /// Milliseconds since `epoch` at which the keyset being reconciled was
-    /// started; 0 between passes. Read by the watchdog.
+    /// Every keyset this process serves, configured or being retired.
+    keysets: BTreeMap<String, KeysetRun>,
+    /// Fingerprints taken before the last pass (see [`Daemon::sleep`]).
+    seen: Vec<(String, Option<String>)>,
+    /// The earliest wake-up the last pass asked for.
+    wake: Instant,
+    ready_sent: bool,
+    /// Milliseconds since `epoch` at which the running pass started; 0
+    /// between passes. Read by the watchdog.
     busy_since: Arc<AtomicU64>,
     epoch: StdInstant,
+    stop_http: watch::Sender<bool>,
+    http: Option<tokio::task::JoinHandle<()>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    hangups: Option<tokio::signal::unix::Signal>,
 }
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let store = store::open(&setup.config.store).await?;
-    let metrics = Arc::new(Metrics::new());
-    let served: ServedState = Arc::new(ArcSwap::from_pointee(Served::default()));
-    let mut daemon = Daemon {
-        reconciler: Reconciler::new(store, setup.keys.clone(), setup.clock.clone()),
-        config: setup.config,
-        keys: setup.keys,
-        clock: setup.clock,
-        metrics,
-        served,
-        reload: setup.reload,
-        failures: HashMap::new(),
-        outlook: HashMap::new(),
-        busy_since: Arc::new(AtomicU64::new(0)),
-        epoch: StdInstant::now(),
-    };
-    daemon.apply_config_to_served();
-    for config_warning in &daemon.config.warnings {
-        tracing::warn!("{config_warning}");
-    }
-
-    let (stop_http, http_stopped) = watch::channel(false);
-    let http = daemon.start_http(http_stopped).await?;
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(DaemonError::Signals)?;
-    let watchdog = daemon.start_watchdog();
-    tracing::info!(
-        config = %daemon.config.source,
-        store = %daemon.reconciler.store().location("<keyset>"),
-        listen = ?daemon.config.http_listen,
-        keysets = daemon.config.keysets.len(),
-        "keyroll started"
-    );
-
+    let mut daemon = Daemon::start(setup).await?;
+    daemon.listen_for_hangups()?;
     tokio::pin!(shutdown);
-    let mut ready_sent = false;
     loop {
-        // Taken before the pass, so that a write landing during the pass is
-        // not missed; our own writes then cost one extra (idle) pass.
-        let seen = daemon.fingerprints().await;
-        let wake = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            wake = daemon.pass() => wake,
-        };
-        if !ready_sent && daemon.served.load().ready() {
-            notify(&[sd_notify::NotifyState::Ready]);
-            ready_sent = true;
-        }
-        daemon.notify_status();
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            _ = hangups.recv() => daemon.reload().await,
-            _ = tokio::time::sleep_until(wake) => {}
-            keyset = store_changed(daemon.reconciler.store().clone(), &seen) => {
-                tracing::debug!(%keyset, "stored document changed; reconciling now");
-            }
+            _ = daemon.pass() => {}
+        }
+        daemon.notify_progress();
+        match daemon.sleep(&mut shutdown).await {
+            Wakeup::Shutdown => break,
+            Wakeup::Hangup => daemon.reload().await,
+            Wakeup::Timer | Wakeup::StoreChanged => {}
         }
     }
-
-    tracing::info!("shutting down");
-    notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = stop_http.send(true);
-    if let Some(http) = http {
-        if tokio::time::timeout(HTTP_DRAIN, http).await.is_err() {
-            tracing::warn!("HTTP connections still open at shutdown were dropped");
-        }
-    }
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
+    daemon.stop().await;
     Ok(())
 }
 
@@ -159,6 +193,105 @@ fn notify(states: &[sd_notify::NotifyState]) {
 }
 
 impl Daemon {
+    /// Opens the store, binds HTTP, starts the watchdog. Nothing is
+    /// reconciled yet: that is the first [`Daemon::pass`].
+    pub async fn start(setup: Setup) -> Result<Daemon, DaemonError> {
+        let store = match setup.store {
+            Some(store) => store,
+            None => store::open(&setup.config.store).await?,
+        };
+        let (stop_http, http_stopped) = watch::channel(false);
+        let mut daemon = Daemon {
+            reconciler: Reconciler::new(store, setup.keys.clone(), setup.clock.clone()),
+            keysets: BTreeMap::new(),
+            config: setup.config,
+            keys: setup.keys,
+            clock: setup.clock,
+            metrics: Arc::new(Metrics::new()),
+            served: Arc::new(ArcSwap::from_pointee(Served::default())),
+            reload: setup.reload,
+            seen: Vec::new(),
+            wake: Instant::now(),
+            ready_sent: false,
+            busy_since: Arc::new(AtomicU64::new(0)),
+            epoch: StdInstant::now(),
+            stop_http,
+            http: None,
+            watchdog: None,
+            hangups: None,
+        };
+        daemon.apply_config();
+        for config_warning in &daemon.config.warnings {
+            tracing::warn!("{config_warning}");
+        }
+        daemon.http = daemon.start_http(http_stopped).await?;
+        daemon.watchdog = daemon.start_watchdog();
+        tracing::info!(
+            config = %daemon.config.source,
+            store = %daemon.reconciler.store().location("<keyset>"),
+            listen = ?daemon.config.http_listen,
+            keysets = daemon.config.keysets.len(),
+            "keyroll started"
+        );
+        Ok(daemon)
+    }
+
+    /// What HTTP serves; tests read it directly.
+    pub fn served(&self) -> ServedState {
+        self.served.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    fn listen_for_hangups(&mut self) -> Result<(), DaemonError> {
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(DaemonError::Signals)?;
+        self.hangups = Some(hangups);
+        Ok(())
+    }
+
+    /// Sleeps until the next scheduled instant, a retry, `reconcile_interval`,
+    /// a change of a stored document, SIGHUP or `shutdown`.
+    pub async fn sleep(&mut self, shutdown: impl Future<Output = ()>) -> Wakeup {
+        let store = self.reconciler.store().clone();
+        let seen = std::mem::take(&mut self.seen);
+        let hangup = async {
+            match self.hangups.as_mut() {
+                Some(hangups) => {
+                    hangups.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown => Wakeup::Shutdown,
+            _ = hangup => Wakeup::Hangup,
+            _ = tokio::time::sleep_until(self.wake) => Wakeup::Timer,
+            keyset = store_changed(store, &seen) => {
+                tracing::debug!(%keyset, "stored document changed; reconciling now");
+                Wakeup::StoreChanged
+            }
+        }
+    }
+
+    /// Stops HTTP (draining in-flight requests briefly) and the watchdog.
+    pub async fn stop(self) {
+        tracing::info!("shutting down");
+        notify(&[sd_notify::NotifyState::Stopping]);
+        let _ = self.stop_http.send(true);
+        if let Some(http) = self.http {
+            if tokio::time::timeout(HTTP_DRAIN, http).await.is_err() {
+                tracing::warn!("HTTP connections still open at shutdown were dropped");
+            }
+        }
+        if let Some(watchdog) = self.watchdog {
+            watchdog.abort();
+        }
+    }
+
     async fn start_http(
         &self,
         mut stopped: watch::Receiver<bool>,
@@ -180,11 +313,10 @@ impl Daemon {
         })))
     }
 
-    /// Pings WATCHDOG=1 at half of `WatchdogSec`, unless one keyset's
-    /// reconcile has been running longer than the whole watchdog period:
-    /// then systemd should restart us. Per keyset, not per pass: with a
-    /// slow store every keyset takes up to its request budget (15 s on AWS),
-    /// and a restart would only stop the serving of the last good JWKS.
+    /// Pings WATCHDOG=1 at half of `WatchdogSec`, unless the running pass
+    /// has taken longer than the whole watchdog period: then systemd should
+    /// restart us. Every keyset's store calls in a pass run side by side and
+    /// end at their deadline, so a slow store alone does not trip it.
     fn start_watchdog(&self) -> Option<tokio::task::JoinHandle<()>> {
         let mut usec = 0;
         if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
@@ -201,34 +333,55 @@ impl Daemon {
                 if started == 0 || now.saturating_sub(started) < period.as_millis() as u64 {
                     notify(&[sd_notify::NotifyState::Watchdog]);
                 } else {
-                    tracing::error!("a keyset's reconcile is stuck; withholding the watchdog ping");
+                    tracing::error!("a reconcile pass is stuck; withholding the watchdog ping");
                 }
             }
         }))
     }
 
-    fn apply_config_to_served(&self) {
+    /// Brings the keyset table in line with the config: new keysets join,
+    /// changed ones take their new policy, removed ones start retiring (C1).
+    fn apply_config(&mut self) {
+        for policy in &self.config.keysets {
+            self.metrics.register_keyset(&policy.name);
+            match self.keysets.get_mut(&policy.name) {
+                Some(run) => {
+                    if run.removed {
+                        tracing::info!(keyset = %policy.name, "keyset back in the config: resuming it with new keys, pre-published");
+                    }
+                    run.policy = policy.clone();
+                    run.removed = false;
+                }
+                None => {
+                    self.keysets
+                        .insert(policy.name.clone(), KeysetRun::new(policy.clone()));
+                }
+            }
+        }
+        for run in self.keysets.values_mut() {
+            if !run.removed && self.config.keyset(run.name()).is_none() {
+                tracing::warn!(
+                    keyset = %run.name(),
+                    "keyset removed from the config: its keys retire now and its JWKS stays published until the last remove_at; signers get no key"
+                );
+                run.policy = run.policy.retiring();
+                run.removed = true;
+            }
+        }
         let expected: Vec<String> = self.config.keysets.iter().map(|k| k.name.clone()).collect();
         let default_keyset = self.config.default_keyset().map(|k| k.name.clone());
-        self.served.rcu(|current| {
-            let keysets = current
-                .keysets
-                .iter()
-                .filter(|(name, _)| expected.contains(name))
-                .map(|(name, jwks)| (name.clone(), jwks.clone()))
-                .collect();
-            Served {
-                keysets,
-                default_keyset: default_keyset.clone(),
-                expected: expected.clone(),
-            }
+        self.served.rcu(|current| Served {
+            keysets: current.keysets.clone(),
+            default_keyset: default_keyset.clone(),
+            expected: expected.clone(),
+            failed_closed: current.failed_closed.clone(),
+            offered: current.offered.clone(),
         });
-        for keyset in &expected {
-            self.metrics.register_keyset(keyset);
-        }
     }
 
-    async fn reload(&mut self) {
+    /// Reloads the config (SIGHUP). An invalid config is logged and the
+    /// running one kept.
+    pub async fn reload(&mut self) {
         let config = match (self.reload)() {
             Ok(config) => config,
             Err(e) => {
@@ -236,6 +389,11 @@ impl Daemon {
                 return;
             }
         };
+        self.reconfigure(config).await;
+    }
+
+    /// Takes a new config: tests call this directly.
+    pub async fn reconfigure(&mut self, config: Config) {
         if config.store != self.config.store {
             match store::open(&config.store).await {
                 Ok(store) => {
@@ -258,50 +416,185 @@ impl Daemon {
             tracing::warn!("{config_warning}");
         }
         self.config = config;
-        self.failures.clear();
-        self.outlook
-            .retain(|name, _| self.config.keyset(name).is_some());
-        self.apply_config_to_served();
+        for run in self.keysets.values_mut() {
+            run.failures = 0;
+        }
+        self.apply_config();
+        self.wake = Instant::now();
         tracing::info!(config = %self.config.source, "config reloaded");
     }
 
+    /// Swaps in another store (tests: "the store swapped").
+    pub fn replace_store(&mut self, store: Arc<dyn Store>) {
+        self.reconciler = Reconciler::new(store, self.keys.clone(), self.clock.clone());
+    }
+
     async fn fingerprints(&self) -> Vec<(String, Option<String>)> {
-        let mut seen = Vec::with_capacity(self.config.keysets.len());
-        for policy in &self.config.keysets {
-            let fingerprint = self.reconciler.store().fingerprint(&policy.name).await;
-            seen.push((policy.name.clone(), fingerprint));
+        let mut seen = Vec::with_capacity(self.keysets.len());
+        for name in self.keysets.keys() {
+            let fingerprint = self.reconciler.store().fingerprint(name).await;
+            seen.push((name.clone(), fingerprint));
         }
         seen
     }
 
-    /// Reconciles and publishes every keyset; returns when to run again.
-    async fn pass(&mut self) -> Instant {
-        let interval = self.config.reconcile_interval;
-        let mut wake = Instant::now() + interval;
-        let policies = self.config.keysets.clone();
-        for policy in &policies {
-            let keyset_started = self.epoch.elapsed().as_millis().max(1) as u64;
-            self.busy_since.store(keyset_started, Ordering::Relaxed);
-            let retry_in = match self.reconciler.reconcile(policy, None).await {
-                Ok(outcome) => {
-                    self.failures.remove(&policy.name);
-                    self.after_commit(policy, &outcome);
-                    self.publish(policy, &outcome.snapshot).await;
-                    let now = self.clock.now();
-                    self.metrics
-                        .observe_keyset(&outcome.snapshot.doc, &outcome.plan.outlook, now);
-                    self.outlook
-                        .insert(policy.name.clone(), outcome.plan.outlook.clone());
-                    outcome.plan.wake_at.map(|at| until(now, at))
-                }
-                Err(e) => Some(self.failed(policy, &e)),
-            };
-            if let Some(retry_in) = retry_in {
-                wake = wake.min(Instant::now() + retry_in);
-            }
+    /// Reconciles and publishes every keyset, and sets when to run again.
+    pub async fn pass(&mut self) {
+        // Taken before the pass, so that a write landing during the pass is
+        // not missed; our own writes then cost one extra (idle) pass.
+        self.seen = self.fingerprints().await;
+        let started = self.epoch.elapsed().as_millis().max(1) as u64;
+        self.busy_since.store(started, Ordering::Relaxed);
+        let now = self.clock.now();
+        // A scheduled switch never waits for the store: outputs follow the
+        // last loaded plan first, then the store is asked (C5).
+        let names: Vec<String> = self.keysets.keys().cloned().collect();
+        for name in &names {
+            self.follow_plan(name, now).await;
         }
+        let results = self.reconcile_all(now).await;
+        for (name, result) in names.iter().zip(results) {
+            self.settle(name, result).await;
+        }
+        self.keysets.retain(|_, run| {
+            let done = run.removed
+                && run
+                    .last_good
+                    .as_ref()
+                    .is_some_and(|s| s.doc.keys.is_empty() && s.doc.orphans.is_empty());
+            !done
+        });
+        self.forget_retired_routes();
         self.busy_since.store(0, Ordering::Relaxed);
-        wake
+        self.wake = self.next_wake();
+    }
+
+    /// Every keyset's reconcile, side by side, each ending at its deadline:
+    /// the next instant its outputs must change without the store.
+    async fn reconcile_all(&self, now: Timestamp) -> Vec<Result<Outcome, ReconcileError>> {
+        let calls = self.keysets.values().map(|run| {
+            let deadline = [run.wake_at, run.stale_at()]
+                .into_iter()
+                .flatten()
+                .filter(|at| *at > now)
+                .map(|at| until(now, at))
+                .fold(HUNG_STORE, Duration::min);
+            let location = self.reconciler.store().location(run.name());
+            async move {
+                match tokio::time::timeout(
+                    deadline,
+                    self.reconciler
+                        .reconcile_with(&run.policy, None, &run.published),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(ReconcileError::Store(StoreError::Unavailable {
+                        location,
+                        message: format!(
+                            "no answer within {}; following the last loaded plan",
+                            humantime::format_duration(deadline)
+                        ),
+                    })),
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await
+    }
+
+    /// Publishes what the last loaded document's plan says for `now`, if
+    /// that differs from what is published (a scheduled switch, a removal).
+    async fn follow_plan(&mut self, name: &str, now: Timestamp) {
+        let Some(run) = self.keysets.get(name) else {
+            return;
+        };
+        let Some(last_good) = &run.last_good else {
+            return;
+        };
+        let projected = Reconciler::project(last_good, &run.policy, now);
+        if same_states(&projected.doc, &last_good.doc) {
+            return;
+        }
+        let offer = self.offer(run, now);
+        let policy = run.policy.clone();
+        self.publish(&policy, &projected, offer).await;
+    }
+
+    /// Takes one keyset's reconcile result: publishes the saved document,
+    /// or (the store failing) the last loaded plan, failing closed after
+    /// `max_stale`.
+    async fn settle(&mut self, name: &str, result: Result<Outcome, ReconcileError>) {
+        let now = self.clock.now();
+        let Some(run) = self.keysets.get_mut(name) else {
+            return;
+        };
+        let policy = run.policy.clone();
+        let snapshot = match result {
+            Ok(outcome) => {
+                run.failures = 0;
+                run.last_load = Some(now);
+                run.failed_closed = false;
+                run.outlook = outcome.plan.outlook.clone();
+                run.wake_at = outcome.plan.wake_at;
+                run.last_good = Some(outcome.snapshot.clone());
+                self.after_commit(&policy, &outcome);
+                self.metrics
+                    .observe_keyset(&outcome.snapshot.doc, &outcome.plan.outlook, now);
+                outcome.snapshot
+            }
+            Err(error) => {
+                let retry_in = self.failed(name, &error);
+                let Some(run) = self.keysets.get_mut(name) else {
+                    return;
+                };
+                let Some(last_good) = &run.last_good else {
+                    run.wake_at = Some(after(now, retry_in));
+                    return;
+                };
+                let projected = Reconciler::project(last_good, &policy, now);
+                let plan_wake = crate::planner::plan(now, &projected.doc, &policy, None)
+                    .ok()
+                    .and_then(|plan| plan.wake_at);
+                let stale_at = run.stale_at();
+                run.failed_closed = stale_at.is_some_and(|at| now >= at);
+                run.wake_at = [plan_wake, stale_at.filter(|at| *at > now)]
+                    .into_iter()
+                    .flatten()
+                    .chain(std::iter::once(after(now, retry_in)))
+                    .min();
+                if run.failed_closed {
+                    tracing::error!(
+                        keyset = %name,
+                        last_load = ?run.last_load.map(rfc3339),
+                        max_stale = %humantime::format_duration(policy.max_stale),
+                        "no successful store load within max_stale: failing closed (no signing key offered, /readyz 503, last JWKS still served)"
+                    );
+                }
+                projected
+            }
+        };
+        let Some(run) = self.keysets.get(name) else {
+            return;
+        };
+        let offer = self.offer(run, now);
+        self.publish(&policy, &snapshot, offer).await;
+    }
+
+    /// Whether signers may have this keyset's active keys now.
+    fn offer(&self, run: &KeysetRun, now: Timestamp) -> Offer {
+        if run.removed {
+            return Offer::Withheld(
+                "keyset removed from the config (its keys are retiring)".into(),
+            );
+        }
+        if run.stale_at().is_some_and(|at| now >= at) {
+            return Offer::Withheld(format!(
+                "no successful store load since {} (max_stale {})",
+                run.last_load.map(rfc3339).unwrap_or_default(),
+                humantime::format_duration(run.policy.max_stale)
+            ));
+        }
+        Offer::Keys
     }
 
     fn after_commit(&self, policy: &KeysetPolicy, outcome: &Outcome) {
@@ -309,8 +602,17 @@ impl Daemon {
             self.metrics
                 .store_conflicts(&policy.name, outcome.conflicts);
         }
+        let location = self.reconciler.store().location(&policy.name);
         for record in &outcome.committed {
             log_transition(&policy.name, record);
+            if record.trigger == Trigger::DocumentLost && record.event == AuditEvent::Retired {
+                tracing::error!(
+                    keyset = %policy.name,
+                    document = %location,
+                    kid = %record.kid,
+                    "stored document missing although this keyset was published: its published key stays in the JWKS until remove_at; new keys wait for publish_lead"
+                );
+            }
             let counts_as_rotation = record.event == AuditEvent::Activated
                 && matches!(
                     record.trigger,
@@ -324,29 +626,39 @@ impl Daemon {
         for warning in &outcome.plan.warnings {
             tracing::warn!(keyset = %policy.name, "{warning}");
         }
+        if let Some(ahead) = outcome.plan.clock_behind {
+            tracing::warn!(
+                keyset = %policy.name,
+                offset_seconds = ahead.num_milliseconds() as f64 / 1000.0,
+                "clock behind the stored document: removals held back"
+            );
+        }
     }
 
     /// Records a failure and says when to retry: exponential backoff from
     /// one second, capped by the reconcile interval.
-    fn failed(&mut self, policy: &KeysetPolicy, error: &ReconcileError) -> Duration {
-        let failures = self.failures.entry(policy.name.clone()).or_default();
-        *failures += 1;
-        let backoff = Duration::from_secs(1u64 << (*failures - 1).min(9))
-            .min(self.config.reconcile_interval)
+    fn failed(&mut self, name: &str, error: &ReconcileError) -> Duration {
+        let interval = self.config.reconcile_interval;
+        let serving = self.served.load().keysets.contains_key(name);
+        let Some(run) = self.keysets.get_mut(name) else {
+            return interval;
+        };
+        run.failures += 1;
+        let backoff = Duration::from_secs(1u64 << (run.failures - 1).min(9))
+            .min(interval)
             .min(MAX_BACKOFF);
-        self.metrics.reconcile_error(&policy.name);
-        let serving = self.served.load().keysets.contains_key(&policy.name);
+        self.metrics.reconcile_error(name);
         match error {
             ReconcileError::Store(StoreError::Unavailable { .. })
             | ReconcileError::Contention { .. } => {
                 tracing::warn!(
-                    keyset = %policy.name, error = %error, retry_in = ?backoff, serving_last_jwks = serving,
-                    "store unreachable: keeping the last published JWKS, removing nothing"
+                    keyset = %name, error = %error, retry_in = ?backoff, serving_last_jwks = serving,
+                    "store unreachable: following the last loaded plan, creating no key"
                 );
             }
             _ => {
                 tracing::error!(
-                    keyset = %policy.name, error = %error, retry_in = ?backoff, serving_last_jwks = serving,
+                    keyset = %name, error = %error, retry_in = ?backoff, serving_last_jwks = serving,
                     "keyset not reconciled; fix the cause (nothing is overwritten)"
                 );
             }
@@ -354,7 +666,9 @@ impl Daemon {
         backoff
     }
 
-    async fn publish(&self, policy: &KeysetPolicy, snapshot: &Snapshot) {
+    /// Writes the outputs of one keyset: `signing_dir` first (or emptied,
+    /// when keys are withheld), then `jwks_file`, then HTTP.
+    async fn publish(&mut self, policy: &KeysetPolicy, snapshot: &Snapshot, offer: Offer) {
         let max_age = policy.timings.jwks_cache_ttl.as_secs();
         let jwks = Arc::new(publish::render(
             &snapshot.doc,
@@ -362,27 +676,30 @@ impl Daemon {
             policy.x5c,
             max_age,
         ));
-        let changed = self
-            .served
-            .load()
-            .keysets
-            .get(&policy.name)
-            .is_none_or(|current| current.body != jwks.body || current.max_age_seconds != max_age);
-        let (policy_owned, doc, body) = (policy.clone(), snapshot.doc.clone(), jwks.body.clone());
+        let offered_doc = match &offer {
+            Offer::Keys => snapshot.doc.clone(),
+            Offer::Withheld(_) => without_active_keys(&snapshot.doc),
+        };
+        let offered: Vec<(crate::key::Alg, String)> = offered_doc
+            .keys
+            .iter()
+            .filter(|key| key.state == KeyState::Active)
+            .map(|key| (key.alg, key.kid.clone()))
+            .collect();
+        let (policy_owned, body) = (policy.clone(), jwks.body.clone());
         let results = tokio::task::spawn_blocking(move || {
+            let signing_dir = policy_owned.signing_dir.as_ref().map(|dir| {
+                publish::write_signing_dir(dir, &offered_doc).map_err(|e| e.to_string())
+            });
             let jwks_file = policy_owned
                 .jwks_file
                 .as_ref()
                 .map(|path| publish::write_jwks_file(path, &body).map_err(|e| e.to_string()));
-            let signing_dir = policy_owned
-                .signing_dir
-                .as_ref()
-                .map(|dir| publish::write_signing_dir(dir, &doc).map_err(|e| e.to_string()));
-            (jwks_file, signing_dir)
+            (signing_dir, jwks_file)
         })
         .await;
-        let (jwks_file, signing_dir) = results.unwrap_or((None, None));
-        for (output, result) in [("jwks_file", jwks_file), ("signing_dir", signing_dir)] {
+        let (signing_dir, jwks_file) = results.unwrap_or((None, None));
+        for (output, result) in [("signing_dir", signing_dir), ("jwks_file", jwks_file)] {
             match result {
                 Some(Err(error)) => {
                     self.metrics.publish_error(&policy.name, output);
@@ -393,31 +710,105 @@ impl Daemon {
                 _ => {}
             }
         }
+        if let Some(run) = self.keysets.get_mut(&policy.name) {
+            let mut published = publish::parse_public_keys(&jwks.body);
+            // Keys served before and still within reach of a cache are kept
+            // in mind too, until the document confirms their fate.
+            published.retain(|jwk| !jwk.kid.is_empty());
+            run.published = published;
+        }
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.
-        if changed {
-            self.served.rcu(|current| {
-                let mut keysets = current.keysets.clone();
-                keysets.insert(policy.name.clone(), jwks.clone());
-                Served {
-                    keysets,
-                    default_keyset: current.default_keyset.clone(),
-                    expected: current.expected.clone(),
-                }
-            });
-            tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "JWKS published");
-        }
+        let failed_closed = match &offer {
+            Offer::Withheld(why) if !self.keysets.get(&policy.name).is_some_and(|r| r.removed) => {
+                Some(why.clone())
+            }
+            _ => None,
+        };
+        let name = policy.name.clone();
+        self.served.rcu(|current| {
+            let mut keysets = current.keysets.clone();
+            let changed = keysets
+                .get(&name)
+                .is_none_or(|c| c.body != jwks.body || c.max_age_seconds != max_age);
+            if changed {
+                keysets.insert(name.clone(), jwks.clone());
+            }
+            let mut closed = current.failed_closed.clone();
+            match &failed_closed {
+                Some(why) => closed.insert(name.clone(), why.clone()),
+                None => closed.remove(&name),
+            };
+            let mut offers = current.offered.clone();
+            offers.insert(name.clone(), offered.clone());
+            Served {
+                keysets,
+                default_keyset: current.default_keyset.clone(),
+                expected: current.expected.clone(),
+                failed_closed: closed,
+                offered: offers,
+            }
+        });
+        tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "published");
     }
 
-    /// STATUS= for `systemctl status`: the next rotation of any slot.
-    fn notify_status(&self) {
+    /// Drops the routes of keysets that are neither configured nor being
+    /// retired any more (C1: 404 after the last `remove_at`).
+    fn forget_retired_routes(&self) {
+        let live: Vec<String> = self.keysets.keys().cloned().collect();
+        let gone = |name: &String| !live.contains(name);
+        let current = self.served.load();
+        if !current.keysets.keys().any(gone) {
+            return;
+        }
+        self.served.rcu(|current| Served {
+            keysets: current
+                .keysets
+                .iter()
+                .filter(|(name, _)| !gone(name))
+                .map(|(name, jwks)| (name.clone(), jwks.clone()))
+                .collect(),
+            default_keyset: current.default_keyset.clone(),
+            expected: current.expected.clone(),
+            failed_closed: current.failed_closed.clone(),
+            offered: current
+                .offered
+                .iter()
+                .filter(|(name, _)| !gone(name))
+                .map(|(name, keys)| (name.clone(), keys.clone()))
+                .collect(),
+        });
+    }
+
+    /// The earliest of every keyset's wake-up and `reconcile_interval`.
+    fn next_wake(&self) -> Instant {
+        let now = self.clock.now();
+        let interval = self.config.reconcile_interval;
+        let soonest = self
+            .keysets
+            .values()
+            .filter_map(|run| run.wake_at)
+            .map(|at| until(now, at))
+            .min()
+            .unwrap_or(interval)
+            .min(interval);
+        Instant::now() + soonest
+    }
+
+    /// READY=1 after the first pass that published everything, and STATUS=
+    /// with the next rotation of any slot.
+    pub fn notify_progress(&mut self) {
+        if !self.ready_sent && self.served.load().ready() {
+            notify(&[sd_notify::NotifyState::Ready]);
+            self.ready_sent = true;
+        }
         let next = self
-            .outlook
-            .iter()
-            .flat_map(|(keyset, slots)| {
-                slots
+            .keysets
+            .values()
+            .flat_map(|run| {
+                run.outlook
                     .iter()
-                    .filter_map(move |slot| slot.next_rotation.map(|at| (at, keyset, slot.alg)))
+                    .filter_map(move |slot| slot.next_rotation.map(|at| (at, run.name(), slot.alg)))
             })
             .min();
         let status = match next {
@@ -426,6 +817,32 @@ impl Daemon {
         };
         notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// Whether two documents hold the same keys in the same states.
+fn same_states(a: &KeysetDoc, b: &KeysetDoc) -> bool {
+    let states = |doc: &KeysetDoc| -> Vec<(String, KeyState)> {
+        let mut states: Vec<(String, KeyState)> = doc
+            .keys
+            .iter()
+            .map(|key| (key.kid.clone(), key.state))
+            .chain(
+                doc.orphans
+                    .iter()
+                    .map(|orphan| (orphan.kid.clone(), KeyState::Retired)),
+            )
+            .collect();
+        states.sort();
+        states
+    };
+    states(a) == states(b)
+}
+
+/// The document as signers see it when keys are withheld: no active key.
+fn without_active_keys(doc: &KeysetDoc) -> KeysetDoc {
+    let mut withheld = doc.clone();
+    withheld.keys.retain(|key| key.state != KeyState::Active);
+    withheld
 }
 
 /// Completes (with the keyset's name) once a document's fingerprint differs
@@ -448,6 +865,13 @@ async fn store_changed(store: Arc<dyn store::Store>, seen: &[(String, Option<Str
 /// How long from `now` until `at` (zero if it has passed).
 fn until(now: Timestamp, at: Timestamp) -> Duration {
     (at - now).to_std().unwrap_or(Duration::ZERO)
+}
+
+fn after(t: Timestamp, d: Duration) -> Timestamp {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
 /// One structured event per key transition (SPEC §5).

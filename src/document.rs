@@ -12,7 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Timestamp;
 use crate::key::{Alg, KeyFactory, PublicJwk, SecretPem};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema 2 added `ready_at` per key, `orphans` and `lost` (SPEC C2, C3).
+/// A schema 1 document is read as schema 2 in memory (the new fields start
+/// empty) and written as 2 only at its next real change.
+pub const SCHEMA_VERSION: u32 = 2;
+const SCHEMAS_READ: [u64; 2] = [1, 2];
 
 /// Audit records kept per keyset, newest last. Bounded because a document
 /// must stay small (an AWS secret holds at most 64 KiB); at the default
@@ -59,8 +63,10 @@ pub enum Trigger {
     Forced,
     /// `keyroll revoke`.
     Revoke,
-    /// The algorithm was removed from the config.
+    /// The algorithm (or the whole keyset) was removed from the config.
     ConfigRemoved,
+    /// The stored document went missing after it was published (SPEC C2).
+    DocumentLost,
     /// A retired key's `remove_at` passed.
     GraceEnded,
 }
@@ -75,6 +81,7 @@ impl Trigger {
             Trigger::Forced => "forced",
             Trigger::Revoke => "revoke",
             Trigger::ConfigRemoved => "config-removed",
+            Trigger::DocumentLost => "document-lost",
             Trigger::GraceEnded => "grace-ended",
         }
     }
@@ -102,12 +109,110 @@ pub struct StoredKey {
     pub activated_at: Option<Timestamp>,
     pub retired_at: Option<Timestamp>,
     pub remove_at: Option<Timestamp>,
+    /// The earliest activation: `published_at` plus the longest
+    /// `publish_lead` in effect since publication (SPEC C3). `None` in
+    /// documents written before schema 2: then the current lead applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Timestamp>,
     /// The self-signed certificate (DER, base64), published as `x5c`.
     pub certificate: String,
     pub private_key_pem: SecretPem,
 }
 
+/// A public key that verifiers were shown before the stored document went
+/// missing (SPEC C2). Its private key is gone with the document; the public
+/// key stays in the JWKS until `remove_at`, so tokens already signed with
+/// it keep verifying.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrphanKey {
+    pub kid: String,
+    pub alg: Alg,
+    /// RSA modulus and exponent, or P-256 coordinates (base64url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub y: Option<String>,
+    /// The certificate it was published with, if any (base64 DER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    pub retired_at: Timestamp,
+    pub remove_at: Timestamp,
+}
+
+impl OrphanKey {
+    /// What an audit record keeps of the key.
+    pub fn identity(&self) -> (&str, Alg, KeyTimes) {
+        let times = KeyTimes {
+            retired_at: Some(self.retired_at),
+            remove_at: Some(self.remove_at),
+            ..KeyTimes::default()
+        };
+        (&self.kid, self.alg, times)
+    }
+
+    /// Keeps a published public key. Its kid is checked when the JWK is
+    /// rebuilt ([`OrphanKey::public_jwk`]).
+    pub fn from_public(jwk: &PublicJwk, retired_at: Timestamp, remove_at: Timestamp) -> Self {
+        OrphanKey {
+            kid: jwk.kid.clone(),
+            alg: jwk.alg,
+            n: jwk.n.clone(),
+            e: jwk.e.clone(),
+            x: jwk.x.clone(),
+            y: jwk.y.clone(),
+            certificate: jwk.x5c.as_ref().and_then(|chain| chain.first().cloned()),
+            retired_at,
+            remove_at,
+        }
+    }
+
+    /// The JWK as it is published again, or why it cannot be: its kid
+    /// must be the thumbprint of its parameters.
+    pub fn public_jwk(&self) -> Result<PublicJwk, String> {
+        let jwk = match (self.alg, &self.n, &self.e, &self.x, &self.y) {
+            (Alg::RS256, Some(n), Some(e), None, None) => PublicJwk::rsa(n.clone(), e.clone()),
+            (Alg::ES256, None, None, Some(x), Some(y)) => PublicJwk::ec(x.clone(), y.clone()),
+            _ => {
+                return Err(format!(
+                    "orphaned key {} has parameters that do not fit {}",
+                    shown(&self.kid),
+                    self.alg
+                ))
+            }
+        };
+        if jwk.kid != self.kid {
+            return Err(format!(
+                "orphaned key {} does not match its kid (its thumbprint is {})",
+                shown(&self.kid),
+                jwk.kid
+            ));
+        }
+        Ok(jwk)
+    }
+}
+
+/// SPEC C2: the document was found missing for a keyset that had been
+/// published. Kept until an operator acts on the keyset (`rotate` or
+/// `revoke`), so the condition stays visible in `status` and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossRecord {
+    pub detected_at: Timestamp,
+    /// How many published public keys were kept as orphans.
+    pub orphaned_keys: usize,
+}
+
 impl StoredKey {
+    /// What an audit record keeps of the key: no key material.
+    pub fn identity(&self) -> (&str, Alg, KeyTimes) {
+        (&self.kid, self.alg, self.times())
+    }
+
     pub fn times(&self) -> KeyTimes {
         KeyTimes {
             created_at: Some(self.created_at),
@@ -168,6 +273,10 @@ pub struct KeysetDoc {
     pub pending_rotations: BTreeMap<Alg, Timestamp>,
     #[serde(default)]
     pub audit: Vec<AuditRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<OrphanKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<LossRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +365,8 @@ impl KeysetDoc {
             keys: Vec::new(),
             pending_rotations: BTreeMap::new(),
             audit: Vec::new(),
+            orphans: Vec::new(),
+            lost: None,
         }
     }
 
@@ -270,7 +381,7 @@ impl KeysetDoc {
         // must be reported as such, not as a confusing field error.
         let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
         match value.get("schema_version") {
-            Some(v) if v.as_u64() == Some(SCHEMA_VERSION as u64) => {}
+            Some(v) if v.as_u64().is_some_and(|v| SCHEMAS_READ.contains(&v)) => {}
             Some(v) if !v.is_u64() => {
                 return Err(DocumentError::Malformed {
                     location: location.to_string(),
@@ -296,7 +407,9 @@ impl KeysetDoc {
         // Parsed again from the text, not from `value`: only then do errors
         // say where (a bad timestamp is otherwise just "input contains
         // invalid characters", with no clue which of dozens it is).
-        let doc: KeysetDoc = serde_json::from_str(text).map_err(malformed)?;
+        let mut doc: KeysetDoc = serde_json::from_str(text).map_err(malformed)?;
+        // Schema 1 is schema 2 without its additions, which default to empty.
+        doc.schema_version = SCHEMA_VERSION;
         doc.check_structure(keyset)
             .map_err(|detail| DocumentError::Inconsistent {
                 location: location.to_string(),
@@ -332,6 +445,15 @@ impl KeysetDoc {
                     key.state
                 ));
             }
+        }
+        for orphan in &self.orphans {
+            if orphan.kid.is_empty() || !kids.insert(orphan.kid.as_str()) {
+                return Err(format!(
+                    "kid {} is empty or appears twice",
+                    shown(&orphan.kid)
+                ));
+            }
+            orphan.public_jwk()?;
         }
         for ((alg, state), count) in slots {
             if count > 1 && state != KeyState::Retired {
@@ -403,6 +525,34 @@ impl KeysetDoc {
             let drop = (excess / 256).clamp(1, self.audit.len());
             self.audit.drain(..drop);
         }
+    }
+
+    /// The latest instant any writer recorded in this document: a local
+    /// clock further behind it than `clock_skew` is wrong (SPEC C6).
+    pub fn newest_timestamp(&self) -> Option<Timestamp> {
+        let key_times = self.keys.iter().flat_map(|key| {
+            [
+                Some(key.created_at),
+                Some(key.published_at),
+                key.activated_at,
+                key.retired_at,
+            ]
+        });
+        let orphan_times = self.orphans.iter().map(|orphan| Some(orphan.retired_at));
+        let others = self
+            .audit
+            .iter()
+            .map(|record| Some(record.at))
+            .chain(self.pending_rotations.values().map(|at| Some(*at)))
+            .chain(std::iter::once(self.lost.as_ref().map(|l| l.detected_at)));
+        key_times.chain(orphan_times).chain(others).flatten().max()
+    }
+
+    /// Whether verifiers may have seen this keyset: it holds keys or
+    /// orphans, or its audit trail shows keys it once held. Only a keyset
+    /// never published may bootstrap with a key active at once (SPEC §1).
+    pub fn ever_published(&self) -> bool {
+        !self.keys.is_empty() || !self.orphans.is_empty() || !self.audit.is_empty()
     }
 
     pub fn key(&self, alg: Alg, state: KeyState) -> Option<&StoredKey> {

@@ -3,16 +3,25 @@
 //! network or randomness: new keys are handed to [`apply`] by the caller.
 //!
 //! Timing follows RFC 7583 pre-publication (SPEC §1): a `next` key is
-//! activated at `max(due, published_at + publish_lead)`; a retired key stays
-//! published until `retired_at + retire_grace`.
+//! activated at `max(due, ready_at)`, where `ready_at` is `published_at`
+//! plus the longest `publish_lead` in effect since publication; a retired
+//! key stays published until `remove_at`, which only ever grows.
+//!
+//! The plan is made of rules, each written once (the way BIND's keymgr
+//! checks each RFC 7583 transition): [`Planner::slot`] decides one slot,
+//! [`Planner::promote`] is the only rotation, [`Planner::upkeep`] keeps the
+//! timings of C3, [`Planner::expire`] removes what has served its grace.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::config::KeysetPolicy;
-use crate::document::{AuditEvent, AuditRecord, KeyState, KeysetDoc, StoredKey, Trigger};
-use crate::key::{Alg, NewKey};
+use crate::document::{
+    AuditEvent, AuditRecord, KeyState, KeyTimes, KeysetDoc, LossRecord, OrphanKey, StoredKey,
+    Trigger,
+};
+use crate::key::{Alg, NewKey, PublicJwk};
 
 /// A manual action from the CLI, planned like everything else.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +62,27 @@ pub enum Step {
     ClearRequest {
         alg: Alg,
     },
+    /// C3: the grace grew since the key retired; `remove_at` never shrinks.
+    ExtendRemoval {
+        kid: String,
+        remove_at: Timestamp,
+    },
+    /// C3: the earliest activation of a `next` key, recorded so a later,
+    /// shorter `publish_lead` cannot bring it forward.
+    RecordReady {
+        kid: String,
+        ready_at: Timestamp,
+    },
+    /// C2: the document is gone but these public keys were published; they
+    /// stay in the JWKS until their `remove_at`.
+    AdoptOrphans {
+        orphans: Vec<OrphanKey>,
+    },
+    RemoveOrphan {
+        kid: String,
+    },
+    /// An operator acted on a keyset recovered after a loss (C2).
+    ClearLoss,
 }
 
 /// What a slot is waiting for; shown by `status` and the systemd STATUS=.
@@ -74,6 +104,9 @@ pub struct Plan {
     pub outlook: Vec<SlotOutlook>,
     /// Said to the operator (e.g. `rotate --now` before `publish_lead`).
     pub warnings: Vec<String>,
+    /// C6: how far the document's newest timestamp is ahead of `now`, when
+    /// that is more than `clock_skew`. Removals are then held back.
+    pub clock_behind: Option<chrono::Duration>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -104,6 +137,20 @@ pub fn plan(
     policy: &KeysetPolicy,
     action: Option<&Action>,
 ) -> Result<Plan, PlanError> {
+    plan_with(now, doc, policy, action, &[])
+}
+
+/// Builds the plan; `published_before` are public keys this keyset is known
+/// to have published (by this process, or in its `jwks_file`). They matter
+/// only when the document is missing (SPEC C2): then they stay published
+/// as orphans and no key is activated before `publish_lead`.
+pub fn plan_with(
+    now: Timestamp,
+    doc: &KeysetDoc,
+    policy: &KeysetPolicy,
+    action: Option<&Action>,
+    published_before: &[PublicJwk],
+) -> Result<Plan, PlanError> {
     let mut planner = Planner {
         now,
         doc,
@@ -112,22 +159,29 @@ pub fn plan(
         wake: Vec::new(),
         outlook: Vec::new(),
         warnings: Vec::new(),
-        settled: BTreeSet::new(),
+        forced: BTreeSet::new(),
+        urgent: BTreeSet::new(),
         requested_now: BTreeSet::new(),
         gone: BTreeSet::new(),
+        adopted: false,
+        clock_behind: None,
     };
+    planner.check_clock();
+    planner.adopt_lost(published_before);
     match action {
         Some(Action::Revoke { kid, reason }) => planner.revoke(kid, reason)?,
         Some(Action::Rotate { alg, force }) => planner.manual_rotate(*alg, *force)?,
         None => {}
     }
+    if action.is_some() && doc.lost.is_some() {
+        planner.steps.push(Step::ClearLoss);
+    }
     for &alg in &policy.algorithms {
-        if !planner.settled.contains(&alg) {
-            planner.slot(alg);
-        }
+        planner.slot(alg);
     }
     planner.unconfigured();
-    planner.expire_retired();
+    planner.expire();
+    planner.upkeep();
     let wake_at = planner.wake.iter().copied().filter(|t| *t > now).min();
     Ok(Plan {
         now,
@@ -135,6 +189,7 @@ pub fn plan(
         wake_at,
         outlook: planner.outlook,
         warnings: planner.warnings,
+        clock_behind: planner.clock_behind,
     })
 }
 
@@ -146,12 +201,17 @@ struct Planner<'a> {
     wake: Vec<Timestamp>,
     outlook: Vec<SlotOutlook>,
     warnings: Vec<String>,
-    /// Slots a manual action already rotated in this plan.
-    settled: BTreeSet<Alg>,
+    /// Slots `rotate --now` activates whatever the lead says.
+    forced: BTreeSet<Alg>,
+    /// Slots whose active key this plan revokes: the next key signs at once.
+    urgent: BTreeSet<Alg>,
     /// Slots whose `rotate` request this plan records.
     requested_now: BTreeSet<Alg>,
     /// Kids this plan revokes.
     gone: BTreeSet<String>,
+    /// This plan adopts the keys of a lost document (C2).
+    adopted: bool,
+    clock_behind: Option<chrono::Duration>,
 }
 
 impl Planner<'_> {
@@ -159,134 +219,117 @@ impl Planner<'_> {
         self.policy.timings.publish_lead()
     }
 
-    fn ready_at(&self, next: &StoredKey) -> Timestamp {
-        after(next.published_at, self.publish_lead())
+    fn retire_grace(&self) -> Duration {
+        self.policy.timings.retire_grace()
     }
 
     fn configured(&self, alg: Alg) -> bool {
         self.policy.algorithms.contains(&alg)
     }
 
-    /// The `next` key becomes active, the active one retires, a new `next`
-    /// is made: one rotation.
-    fn rotate(&mut self, active: &StoredKey, next: &StoredKey, trigger: Trigger) {
-        let alg = next.alg;
-        self.steps.push(Step::Activate {
-            kid: next.kid.clone(),
-            trigger,
-        });
-        self.steps.push(Step::Retire {
-            kid: active.kid.clone(),
-            trigger,
-        });
-        self.replenish(alg);
-        self.wake
-            .push(after(self.now, self.policy.timings.retire_grace()));
-        self.outlook_after_rotation(alg);
+    /// The key of `alg` in `state`, unless this plan revokes it.
+    fn key(&self, alg: Alg, state: KeyState) -> Option<&StoredKey> {
+        self.doc
+            .key(alg, state)
+            .filter(|key| !self.gone.contains(&key.kid))
     }
 
-    /// A new `next` key after the old one was activated; any waiting
-    /// `rotate` request is thereby done.
-    fn replenish(&mut self, alg: Alg) {
-        self.steps.push(Step::Create {
-            alg,
-            state: KeyState::Next,
-            trigger: Trigger::Replenish,
-        });
-        if self.doc.pending_rotations.contains_key(&alg) {
-            self.steps.push(Step::ClearRequest { alg });
-        }
+    /// When a `next` key may be activated: the longest lead in effect since
+    /// its publication, never the current one alone (C3).
+    fn ready_at(&self, next: &StoredKey) -> Timestamp {
+        let now_lead = after(next.published_at, self.publish_lead());
+        next.ready_at
+            .map_or(now_lead, |stored| stored.max(now_lead))
     }
 
-    /// After a rotation the new `next` key is published now; it can be
-    /// activated at the next scheduled instant, but not before `publish_lead`.
-    fn outlook_after_rotation(&mut self, alg: Alg) {
-        let due = self.policy.schedule.next_after(self.now);
-        self.push_outlook(alg, due, self.now);
+    /// When a retired key may go: `remove_at` only grows (C3).
+    fn remove_at(&self, key: &StoredKey) -> Timestamp {
+        let now_grace = key
+            .retired_at
+            .map(|retired| after(retired, self.retire_grace()));
+        // A retired key always has remove_at (checked when parsed).
+        let stored = key.remove_at.unwrap_or(self.now);
+        now_grace.map_or(stored, |grown| stored.max(grown))
     }
 
-    /// Records when `alg` rotates next: at the scheduled `due`, but never
-    /// before the `next` key published at `next_published` is `publish_lead` old.
-    fn push_outlook(&mut self, alg: Alg, due: Option<Timestamp>, next_published: Timestamp) {
-        let ready = after(next_published, self.publish_lead());
-        let (next_rotation, waiting_for) = match due {
-            None => (None, Some("the schedule never fires again".to_string())),
-            Some(due) if ready > due => (
-                Some(ready),
-                Some(format!(
-                    "due {}, but the next key was published at {} and is activated only after publish_lead ({})",
-                    crate::clock::rfc3339(due),
-                    crate::clock::rfc3339(next_published),
-                    humantime::format_duration(self.publish_lead())
-                )),
-            ),
-            Some(due) => (Some(due), None),
+    /// C6: a stored timestamp further ahead than `clock_skew` means this
+    /// clock (or a writer's) is wrong; this replica then removes nothing.
+    fn check_clock(&mut self) {
+        let Some(newest) = self.doc.newest_timestamp() else {
+            return;
         };
-        if let Some(at) = next_rotation {
-            self.wake.push(at);
+        let ahead = newest - self.now;
+        let skew = chrono::Duration::from_std(self.policy.timings.clock_skew)
+            .unwrap_or_else(|_| chrono::Duration::zero());
+        if ahead > skew {
+            self.clock_behind = Some(ahead);
+            self.warnings.push(format!(
+                "the stored document has a timestamp ({}) {} ahead of this clock, more than clock_skew ({}): \
+                 this clock or another writer's is wrong; no key is removed from here until they agree",
+                crate::clock::rfc3339(newest),
+                humantime::format_duration(ahead.to_std().unwrap_or_default()),
+                humantime::format_duration(self.policy.timings.clock_skew),
+            ));
         }
-        self.outlook.push(SlotOutlook {
-            alg,
-            next_rotation,
-            waiting_for,
-        });
+    }
+
+    /// C2: the document is missing, but verifiers were shown keys of this
+    /// keyset. Those stay published for `retire_grace`; the keyset counts
+    /// as published, so its new keys wait for `publish_lead`.
+    fn adopt_lost(&mut self, published_before: &[PublicJwk]) {
+        if published_before.is_empty() || self.doc.ever_published() {
+            return;
+        }
+        let remove_at = after(self.now, self.retire_grace());
+        let mut orphans: Vec<OrphanKey> = published_before
+            .iter()
+            .map(|jwk| OrphanKey::from_public(jwk, self.now, remove_at))
+            .collect();
+        orphans.sort_by(|a, b| a.kid.cmp(&b.kid));
+        orphans.dedup_by(|a, b| a.kid == b.kid);
+        self.steps.push(Step::AdoptOrphans { orphans });
+        self.wake.push(remove_at);
+        self.adopted = true;
+        self.warnings.push(format!(
+            "the stored document of keyset {:?} is missing although its keys were published: \
+             keeping the {} published key(s) in the JWKS until {}, publishing new keys as next \
+             (active after publish_lead, {}); restore the document or accept with `keyroll rotate`",
+            self.doc.keyset,
+            published_before.len(),
+            crate::clock::rfc3339(remove_at),
+            humantime::format_duration(self.publish_lead()),
+        ));
     }
 
     fn revoke(&mut self, kid: &str, reason: &str) -> Result<(), PlanError> {
-        let key =
-            self.doc
-                .keys
-                .iter()
-                .find(|k| k.kid == kid)
-                .ok_or_else(|| PlanError::UnknownKid {
-                    keyset: self.doc.keyset.clone(),
-                    kid: kid.to_string(),
-                })?;
+        let key_alg_state = self
+            .doc
+            .keys
+            .iter()
+            .find(|k| k.kid == kid)
+            .map(|k| (k.alg, Some(k.state)))
+            .or_else(|| {
+                self.doc
+                    .orphans
+                    .iter()
+                    .find(|o| o.kid == kid)
+                    .map(|o| (o.alg, None))
+            });
+        let Some((alg, state)) = key_alg_state else {
+            return Err(PlanError::UnknownKid {
+                keyset: self.doc.keyset.clone(),
+                kid: kid.to_string(),
+            });
+        };
         self.steps.push(Step::Revoke {
             kid: kid.to_string(),
             reason: reason.to_string(),
         });
         self.gone.insert(kid.to_string());
-        let alg = key.alg;
-        if !self.configured(alg) {
-            return Ok(());
-        }
-        match key.state {
-            KeyState::Active => {
-                // The next key is already published, so verifiers know it:
-                // it can sign at once (SPEC §1, revoke).
-                match self.doc.key(alg, KeyState::Next) {
-                    Some(next) => self.steps.push(Step::Activate {
-                        kid: next.kid.clone(),
-                        trigger: Trigger::Revoke,
-                    }),
-                    None => self.steps.push(Step::Create {
-                        alg,
-                        state: KeyState::Active,
-                        trigger: Trigger::Revoke,
-                    }),
-                }
-                self.replenish(alg);
-                self.settled.insert(alg);
-                self.outlook_after_rotation(alg);
-            }
-            KeyState::Next => {
-                self.steps.push(Step::Create {
-                    alg,
-                    state: KeyState::Next,
-                    trigger: Trigger::Replenish,
-                });
-                self.settled.insert(alg);
-                match self.doc.key(alg, KeyState::Active) {
-                    Some(active) => {
-                        let due = self.scheduled_due(alg, active);
-                        self.push_outlook(alg, due, self.now);
-                    }
-                    // The revoked key was a new slot's waiting first key.
-                    None => self.push_first_key_outlook(alg, self.now),
-                }
-            }
-            KeyState::Retired => {}
+        // The next key is already published, so verifiers know it: it
+        // signs at once (SPEC §1 revoke, C4). The slot rule does the rest.
+        if state == Some(KeyState::Active) && self.configured(alg) {
+            self.urgent.insert(alg);
         }
         Ok(())
     }
@@ -306,48 +349,21 @@ impl Planner<'_> {
             None => self.policy.algorithms.clone(),
         };
         for alg in targets {
-            let (active, next) = (
-                self.doc.key(alg, KeyState::Active),
-                self.doc.key(alg, KeyState::Next),
-            );
-            let (Some(active), Some(next)) = (active, next) else {
-                if let (None, Some(next), true) = (active, next, force) {
-                    // A first key still waiting for publish_lead, forced.
-                    self.steps.push(Step::Activate {
-                        kid: next.kid.clone(),
-                        trigger: Trigger::Forced,
-                    });
-                    self.replenish(alg);
-                    self.settled.insert(alg);
-                    self.outlook_after_rotation(alg);
-                }
-                // Otherwise not bootstrapped yet: bootstrapping (below) is
-                // the rotation.
+            if force {
+                self.forced.insert(alg);
+                continue;
+            }
+            let (Some(_), Some(next)) = (
+                self.key(alg, KeyState::Active),
+                self.key(alg, KeyState::Next),
+            ) else {
+                // Not bootstrapped yet: bootstrapping is the rotation.
                 continue;
             };
-            let ready = self.ready_at(next);
-            if force && self.now < ready {
-                self.warnings.push(format!(
-                    "{alg}: key {} was published only at {} (publish_lead {} not yet passed): \
-                     verifiers holding a cached JWKS may reject its tokens for up to jwks_cache_ttl ({})",
-                    next.kid,
-                    crate::clock::rfc3339(next.published_at),
-                    humantime::format_duration(self.publish_lead()),
-                    humantime::format_duration(self.policy.timings.jwks_cache_ttl),
-                ));
-            }
-            if force || self.now >= ready {
-                let trigger = if force {
-                    Trigger::Forced
-                } else {
-                    Trigger::Manual
-                };
-                self.rotate(active, next, trigger);
-                self.settled.insert(alg);
-            } else if !self.doc.pending_rotations.contains_key(&alg) {
+            if self.now < self.ready_at(next) && !self.doc.pending_rotations.contains_key(&alg) {
                 self.steps.push(Step::RequestRotation { alg });
-                self.requested_now.insert(alg);
             }
+            self.requested_now.insert(alg);
         }
         Ok(())
     }
@@ -355,26 +371,36 @@ impl Planner<'_> {
     /// When the schedule (or a waiting `rotate` request) wants this slot to
     /// rotate. Anchored on the active key's activation, so a daemon that was
     /// down for many ticks rotates once, not once per missed tick.
-    fn scheduled_due(&self, alg: Alg, active: &StoredKey) -> Option<Timestamp> {
+    fn scheduled_due(&self, alg: Alg, active: &StoredKey) -> (Option<Timestamp>, Trigger) {
         let anchor = active.activated_at.unwrap_or(active.published_at);
         let scheduled = self.policy.schedule.next_after(anchor);
-        let requested = if self.requested_now.contains(&alg) {
-            Some(self.now)
-        } else {
-            self.doc.pending_rotations.get(&alg).copied()
-        };
+        // A request already waiting keeps its instant: the plan saved with
+        // it must read the same as this one.
+        let requested = self
+            .doc
+            .pending_rotations
+            .get(&alg)
+            .copied()
+            .or_else(|| self.requested_now.contains(&alg).then_some(self.now));
         match (scheduled, requested) {
-            (Some(s), Some(r)) => Some(s.min(r)),
-            (s, r) => s.or(r),
+            (Some(s), Some(r)) if r < s && s > self.now => (Some(r), Trigger::Manual),
+            (Some(s), _) => (Some(s), Trigger::Schedule),
+            (None, Some(r)) => (Some(r), Trigger::Manual),
+            (None, None) => (None, Trigger::Schedule),
         }
     }
 
-    /// The daemon's view of one configured slot.
+    /// The one decision for one configured slot.
     fn slot(&mut self, alg: Alg) {
-        let active = self.doc.key(alg, KeyState::Active);
-        let next = self.doc.key(alg, KeyState::Next);
+        let active = self.key(alg, KeyState::Active).cloned();
+        let next = self.key(alg, KeyState::Next).cloned();
+        let forced = self.forced.contains(&alg);
+        if self.urgent.contains(&alg) {
+            self.replace_revoked(alg, next.as_ref());
+            return;
+        }
         match (active, next) {
-            (None, None) if self.keyset_unpublished() => {
+            (None, None) if !self.adopted && !self.doc.ever_published() => {
                 // Nobody can have cached anything for this keyset: the first
                 // key is active at once (SPEC §1, bootstrap).
                 for state in [KeyState::Active, KeyState::Next] {
@@ -384,84 +410,190 @@ impl Planner<'_> {
                         trigger: Trigger::Bootstrap,
                     });
                 }
-                self.outlook_after_rotation(alg);
+                self.outlook_after_promotion(alg);
             }
             (None, None) => {
-                // A new algorithm in a keyset whose JWKS verifiers already
-                // cache: a key active at once would sign tokens they reject
-                // for up to jwks_cache_ttl. Its first key is pre-published
-                // like any other and activated after publish_lead.
+                // A new slot in a keyset verifiers already cache (or one
+                // whose document was lost): pre-published like any key.
                 self.steps.push(Step::Create {
                     alg,
                     state: KeyState::Next,
                     trigger: Trigger::Bootstrap,
                 });
-                self.push_first_key_outlook(alg, self.now);
+                let ready = after(self.now, self.publish_lead());
+                self.push_first_key_outlook(alg, ready);
             }
-            (None, Some(next)) if self.now >= self.ready_at(next) => {
-                self.steps.push(Step::Activate {
-                    kid: next.kid.clone(),
-                    trigger: Trigger::Bootstrap,
-                });
-                self.replenish(alg);
-                self.outlook_after_rotation(alg);
+            (None, Some(next)) if forced || self.now >= self.ready_at(&next) => {
+                let trigger = if forced {
+                    Trigger::Forced
+                } else {
+                    Trigger::Bootstrap
+                };
+                self.promote(alg, None, &next, trigger);
             }
-            (None, Some(next)) => self.push_first_key_outlook(alg, next.published_at),
+            (None, Some(next)) => {
+                let ready = self.ready_at(&next);
+                self.push_first_key_outlook(alg, ready);
+            }
             (Some(active), None) => {
                 self.steps.push(Step::Create {
                     alg,
                     state: KeyState::Next,
                     trigger: Trigger::Replenish,
                 });
-                let due = self.scheduled_due(alg, active);
-                self.push_outlook(alg, due, self.now);
+                let (due, _) = self.scheduled_due(alg, &active);
+                self.push_outlook(alg, due, after(self.now, self.publish_lead()), self.now);
             }
             (Some(active), Some(next)) => {
-                let due = self.scheduled_due(alg, active);
-                let ready = self.ready_at(next);
-                match due {
-                    Some(due) if self.now >= due.max(ready) => {
-                        let requested = self.requested_now.contains(&alg)
-                            || self.doc.pending_rotations.contains_key(&alg);
-                        let scheduled = self
-                            .policy
-                            .schedule
-                            .next_after(active.activated_at.unwrap_or(active.published_at));
-                        let trigger = match scheduled {
-                            Some(s) if requested && s > self.now => Trigger::Manual,
-                            _ => Trigger::Schedule,
-                        };
-                        self.rotate(active, next, trigger);
-                    }
-                    _ => self.push_outlook(alg, due, next.published_at),
+                let (due, trigger) = self.scheduled_due(alg, &active);
+                let ready = self.ready_at(&next);
+                if forced {
+                    self.promote(alg, Some(&active), &next, Trigger::Forced);
+                } else if due.is_some_and(|due| self.now >= due.max(ready)) {
+                    self.promote(alg, Some(&active), &next, trigger);
+                } else {
+                    self.push_outlook(alg, due, ready, next.published_at);
                 }
             }
         }
     }
 
-    /// Whether no verifier can have seen this keyset yet: it holds no key
-    /// (other than ones this plan revokes).
-    fn keyset_unpublished(&self) -> bool {
-        self.doc.keys.iter().all(|key| self.gone.contains(&key.kid))
+    /// The active key of `alg` is revoked: the `next` key, already
+    /// published, signs at once; without one a new key must (SPEC §1, C4).
+    fn replace_revoked(&mut self, alg: Alg, next: Option<&StoredKey>) {
+        if let Some(next) = next {
+            self.promote(alg, None, next, Trigger::Revoke);
+            return;
+        }
+        self.warnings.push(format!(
+            "{alg}: the revoked active key had no next key; a new key is active at once and \
+             verifiers holding a cached JWKS may reject its tokens for up to verifier_cache_ttl ({})",
+            humantime::format_duration(self.policy.timings.verifier_cache_ttl),
+        ));
+        self.steps.push(Step::Create {
+            alg,
+            state: KeyState::Active,
+            trigger: Trigger::Revoke,
+        });
+        self.replenish(alg);
+    }
+
+    /// A new `next` key after the old one was activated; any waiting
+    /// `rotate` request is thereby done.
+    fn replenish(&mut self, alg: Alg) {
+        self.steps.push(Step::Create {
+            alg,
+            state: KeyState::Next,
+            trigger: Trigger::Replenish,
+        });
+        if self.doc.pending_rotations.contains_key(&alg) {
+            self.steps.push(Step::ClearRequest { alg });
+        }
+        self.outlook_after_promotion(alg);
+    }
+
+    /// The only rotation: `next` becomes active, the active key (if any)
+    /// retires, and a new `next` key is made.
+    fn promote(
+        &mut self,
+        alg: Alg,
+        active: Option<&StoredKey>,
+        next: &StoredKey,
+        trigger: Trigger,
+    ) {
+        let ready = self.ready_at(next);
+        if self.now < ready && matches!(trigger, Trigger::Forced | Trigger::Revoke) {
+            let what = if trigger == Trigger::Forced {
+                "rotate --now"
+            } else {
+                "revoking the active key"
+            };
+            self.warnings.push(format!(
+                "{alg}: {what} activates key {} published only at {} (publish_lead {} passes at {}): \
+                 verifiers holding a cached JWKS may reject its tokens for up to verifier_cache_ttl ({})",
+                next.kid,
+                crate::clock::rfc3339(next.published_at),
+                humantime::format_duration(self.publish_lead()),
+                crate::clock::rfc3339(ready),
+                humantime::format_duration(self.policy.timings.verifier_cache_ttl),
+            ));
+        }
+        self.steps.push(Step::Activate {
+            kid: next.kid.clone(),
+            trigger,
+        });
+        if let Some(active) = active {
+            self.steps.push(Step::Retire {
+                kid: active.kid.clone(),
+                trigger,
+            });
+            self.wake.push(after(self.now, self.retire_grace()));
+        }
+        self.replenish(alg);
+    }
+
+    /// After a rotation the new `next` key is published now; it can be
+    /// activated at the next scheduled instant, but not before `publish_lead`.
+    fn outlook_after_promotion(&mut self, alg: Alg) {
+        let due = self.policy.schedule.next_after(self.now);
+        self.push_outlook(alg, due, after(self.now, self.publish_lead()), self.now);
+    }
+
+    /// Records when `alg` rotates next: at the scheduled `due`, but never
+    /// before the `next` key is `ready`.
+    fn push_outlook(
+        &mut self,
+        alg: Alg,
+        due: Option<Timestamp>,
+        ready: Timestamp,
+        next_published: Timestamp,
+    ) {
+        let (next_rotation, waiting_for) = match due {
+            None => (None, Some("the schedule never fires again".to_string())),
+            Some(due) if ready > due => (
+                Some(ready),
+                Some(format!(
+                    "due {}, but the next key was published at {} and is activated only at {} (publish_lead {})",
+                    crate::clock::rfc3339(due),
+                    crate::clock::rfc3339(next_published),
+                    crate::clock::rfc3339(ready),
+                    humantime::format_duration(self.publish_lead())
+                )),
+            ),
+            Some(due) => (Some(due), None),
+        };
+        if let Some(at) = next_rotation {
+            self.wake.push(at);
+        }
+        self.outlook.push(SlotOutlook {
+            alg,
+            next_rotation,
+            waiting_for,
+        });
     }
 
     /// A slot whose first key waits for `publish_lead` before it signs.
-    fn push_first_key_outlook(&mut self, alg: Alg, published: Timestamp) {
-        let ready = after(published, self.publish_lead());
+    fn push_first_key_outlook(&mut self, alg: Alg, ready: Timestamp) {
         self.wake.push(ready);
+        let why = if self.adopted || self.doc.lost.is_some() {
+            "the stored document was lost (SPEC C2)"
+        } else {
+            "new algorithm in an already published keyset"
+        };
         self.outlook.push(SlotOutlook {
             alg,
             next_rotation: Some(ready),
             waiting_for: Some(format!(
-                "new algorithm in an already published keyset: its first key, published at {}, becomes active after publish_lead ({}) so that cached JWKS learn it first",
-                crate::clock::rfc3339(published),
+                "{why}: its first key becomes active at {} after publish_lead ({}) so that cached JWKS learn it first",
+                crate::clock::rfc3339(ready),
                 humantime::format_duration(self.publish_lead())
             )),
         });
     }
 
-    /// Keys of algorithms no longer configured retire now, and go after
-    /// their grace period like any retired key (SPEC §1).
+    /// Keys of algorithms no longer configured (or of a keyset removed from
+    /// the config) retire now, and go after their grace like any retired
+    /// key (SPEC §1, C1).
     fn unconfigured(&mut self) {
         for key in &self.doc.keys {
             if !self.configured(key.alg)
@@ -472,8 +604,7 @@ impl Planner<'_> {
                     kid: key.kid.clone(),
                     trigger: Trigger::ConfigRemoved,
                 });
-                self.wake
-                    .push(after(self.now, self.policy.timings.retire_grace()));
+                self.wake.push(after(self.now, self.retire_grace()));
             }
         }
         for alg in self.doc.pending_rotations.keys() {
@@ -483,20 +614,91 @@ impl Planner<'_> {
         }
     }
 
-    fn expire_retired(&mut self) {
+    /// Removes retired keys and orphans whose `remove_at` has passed, never
+    /// from a replica whose clock is behind the document's (C6).
+    fn expire(&mut self) {
+        let mut due = Vec::new();
         for key in &self.doc.keys {
-            if key.state != KeyState::Retired || self.gone.contains(&key.kid) {
+            if key.state == KeyState::Retired && !self.gone.contains(&key.kid) {
+                due.push((
+                    self.remove_at(key),
+                    Step::Remove {
+                        kid: key.kid.clone(),
+                    },
+                ));
+            }
+        }
+        for orphan in &self.doc.orphans {
+            if !self.gone.contains(&orphan.kid) {
+                due.push((
+                    orphan.remove_at,
+                    Step::RemoveOrphan {
+                        kid: orphan.kid.clone(),
+                    },
+                ));
+            }
+        }
+        for (remove_at, step) in due {
+            if self.now < remove_at {
+                self.wake.push(remove_at);
+            } else if self.clock_behind.is_none() {
+                self.steps.push(step);
+            }
+        }
+    }
+
+    /// C3: `remove_at` grows with the grace, and `ready_at` with the lead.
+    /// Keys from a schema 1 document get their `ready_at` written along
+    /// with the next real change, never by a write of their own.
+    fn upkeep(&mut self) {
+        let mut upkeep = Vec::new();
+        let mut legacy = Vec::new();
+        let changing: BTreeSet<&str> = self
+            .steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Activate { kid, .. }
+                | Step::Retire { kid, .. }
+                | Step::Remove { kid }
+                | Step::Revoke { kid, .. } => Some(kid.as_str()),
+                _ => None,
+            })
+            .collect();
+        for key in &self.doc.keys {
+            if changing.contains(key.kid.as_str()) {
                 continue;
             }
-            // A retired key always has remove_at (checked when parsed).
-            let remove_at = key.remove_at.unwrap_or(self.now);
-            if self.now >= remove_at {
-                self.steps.push(Step::Remove {
-                    kid: key.kid.clone(),
-                });
-            } else {
-                self.wake.push(remove_at);
+            match key.state {
+                KeyState::Retired => {
+                    let grown = self.remove_at(key);
+                    if Some(grown) != key.remove_at {
+                        upkeep.push(Step::ExtendRemoval {
+                            kid: key.kid.clone(),
+                            remove_at: grown,
+                        });
+                    }
+                }
+                KeyState::Next => {
+                    let ready = self.ready_at(key);
+                    match key.ready_at {
+                        Some(stored) if stored >= ready => {}
+                        Some(_) => upkeep.push(Step::RecordReady {
+                            kid: key.kid.clone(),
+                            ready_at: ready,
+                        }),
+                        None => legacy.push(Step::RecordReady {
+                            kid: key.kid.clone(),
+                            ready_at: ready,
+                        }),
+                    }
+                }
+                KeyState::Active => {}
             }
+        }
+        let real_change = !self.steps.is_empty() || !upkeep.is_empty();
+        self.steps.extend(upkeep);
+        if real_change {
+            self.steps.extend(legacy);
         }
     }
 }
@@ -511,20 +713,26 @@ pub fn apply<E>(
 ) -> Result<Vec<AuditRecord>, E> {
     let now = plan.now;
     let grace = policy.timings.retire_grace();
+    let lead = policy.timings.publish_lead();
     let mut records = Vec::new();
-    let mut record = |doc: &mut KeysetDoc, key: &StoredKey, event, trigger, reason: &str| {
+    let mut note = |doc: &mut KeysetDoc,
+                    (kid, alg, times): (&str, Alg, KeyTimes),
+                    event,
+                    trigger,
+                    reason: &str| {
         let entry = AuditRecord {
             at: now,
             event,
-            kid: key.kid.clone(),
-            alg: key.alg,
+            kid: kid.to_string(),
+            alg,
             trigger,
             reason: reason.to_string(),
-            key: key.times(),
+            key: times,
         };
         doc.push_audit(entry.clone());
         records.push(entry);
     };
+
     for step in &plan.steps {
         match step {
             Step::Create {
@@ -542,12 +750,13 @@ pub fn apply<E>(
                     activated_at: (*state == KeyState::Active).then_some(now),
                     retired_at: None,
                     remove_at: None,
+                    ready_at: (*state == KeyState::Next).then(|| after(now, lead)),
                     certificate: fresh.certificate,
                     private_key_pem: fresh.private_key_pem,
                 };
-                record(doc, &key, AuditEvent::Created, *trigger, "");
+                note(doc, key.identity(), AuditEvent::Created, *trigger, "");
                 if *state == KeyState::Active {
-                    record(doc, &key, AuditEvent::Activated, *trigger, "");
+                    note(doc, key.identity(), AuditEvent::Activated, *trigger, "");
                 }
                 doc.keys.push(key);
             }
@@ -556,7 +765,7 @@ pub fn apply<E>(
                     key.state = KeyState::Active;
                     key.activated_at = Some(now);
                     let key = key.clone();
-                    record(doc, &key, AuditEvent::Activated, *trigger, "");
+                    note(doc, key.identity(), AuditEvent::Activated, *trigger, "");
                 }
             }
             Step::Retire { kid, trigger } => {
@@ -565,19 +774,40 @@ pub fn apply<E>(
                     key.retired_at = Some(now);
                     key.remove_at = Some(after(now, grace));
                     let key = key.clone();
-                    record(doc, &key, AuditEvent::Retired, *trigger, "");
+                    note(doc, key.identity(), AuditEvent::Retired, *trigger, "");
                 }
             }
             Step::Remove { kid } => {
                 if let Some(index) = doc.keys.iter().position(|k| &k.kid == kid) {
                     let key = doc.keys.remove(index);
-                    record(doc, &key, AuditEvent::Removed, Trigger::GraceEnded, "");
+                    note(
+                        doc,
+                        key.identity(),
+                        AuditEvent::Removed,
+                        Trigger::GraceEnded,
+                        "",
+                    );
                 }
             }
             Step::Revoke { kid, reason } => {
                 if let Some(index) = doc.keys.iter().position(|k| &k.kid == kid) {
                     let key = doc.keys.remove(index);
-                    record(doc, &key, AuditEvent::Revoked, Trigger::Revoke, reason);
+                    note(
+                        doc,
+                        key.identity(),
+                        AuditEvent::Revoked,
+                        Trigger::Revoke,
+                        reason,
+                    );
+                } else if let Some(index) = doc.orphans.iter().position(|o| &o.kid == kid) {
+                    let orphan = doc.orphans.remove(index);
+                    note(
+                        doc,
+                        orphan.identity(),
+                        AuditEvent::Revoked,
+                        Trigger::Revoke,
+                        reason,
+                    );
                 }
             }
             Step::RequestRotation { alg } => {
@@ -586,9 +816,74 @@ pub fn apply<E>(
             Step::ClearRequest { alg } => {
                 doc.pending_rotations.remove(alg);
             }
+            Step::ExtendRemoval { kid, remove_at } => {
+                if let Some(key) = doc.keys.iter_mut().find(|k| &k.kid == kid) {
+                    key.remove_at = key.remove_at.max(Some(*remove_at));
+                }
+            }
+            Step::RecordReady { kid, ready_at } => {
+                if let Some(key) = doc.keys.iter_mut().find(|k| &k.kid == kid) {
+                    key.ready_at = key.ready_at.max(Some(*ready_at));
+                }
+            }
+            Step::AdoptOrphans { orphans } => {
+                for orphan in orphans {
+                    note(
+                        doc,
+                        orphan.identity(),
+                        AuditEvent::Retired,
+                        Trigger::DocumentLost,
+                        "published before the stored document went missing",
+                    );
+                }
+                doc.orphans.extend(orphans.iter().cloned());
+                doc.lost = Some(LossRecord {
+                    detected_at: now,
+                    orphaned_keys: orphans.len(),
+                });
+            }
+            Step::RemoveOrphan { kid } => {
+                if let Some(index) = doc.orphans.iter().position(|o| &o.kid == kid) {
+                    let orphan = doc.orphans.remove(index);
+                    note(
+                        doc,
+                        orphan.identity(),
+                        AuditEvent::Removed,
+                        Trigger::GraceEnded,
+                        "",
+                    );
+                }
+            }
+            Step::ClearLoss => doc.lost = None,
         }
     }
     Ok(records)
+}
+
+/// SPEC C5: what a replica cut off from the store publishes. It follows the
+/// plan it has, exactly as the others do: activates the pre-published
+/// `next` key at its instant, retires and removes keys on time. It never
+/// creates keys (only a saved document may hold new ones), so a slot keeps
+/// no `next` key once it has been promoted here.
+pub fn project(now: Timestamp, doc: &KeysetDoc, policy: &KeysetPolicy) -> KeysetDoc {
+    let Ok(mut plan) = plan(now, doc, policy, None) else {
+        return doc.clone();
+    };
+    plan.steps.retain(|step| {
+        matches!(
+            step,
+            Step::Activate { .. }
+                | Step::Retire { .. }
+                | Step::Remove { .. }
+                | Step::RemoveOrphan { .. }
+                | Step::ExtendRemoval { .. }
+        )
+    });
+    let mut projected = doc.clone();
+    let mut no_new_keys = |alg: Alg| -> Result<NewKey, Alg> { Err(alg) };
+    // No `Create` step is left, so no key is asked for.
+    let _ = apply(&mut projected, &plan, policy, &mut no_new_keys);
+    projected
 }
 
 /// `keyroll plan`: the next lifecycle events, found by planning and applying

@@ -116,6 +116,30 @@ impl Reconciler {
         })
     }
 
+    /// SPEC C5: the snapshot a replica cut off from the store publishes at
+    /// `now`, following the plan of the last document it loaded.
+    pub fn project(snapshot: &Snapshot, policy: &KeysetPolicy, now: Timestamp) -> Snapshot {
+        let doc = planner::project(now, &snapshot.doc, policy);
+        let jwks = doc
+            .keys
+            .iter()
+            .filter_map(|key| {
+                snapshot
+                    .doc
+                    .keys
+                    .iter()
+                    .zip(&snapshot.jwks)
+                    .find(|(old, _)| old.kid == key.kid)
+                    .map(|(_, jwk)| jwk.clone())
+            })
+            .collect();
+        Snapshot {
+            doc,
+            version: snapshot.version.clone(),
+            jwks,
+        }
+    }
+
     fn remember(&self, keyset: &str, version: &Version, jwks: &[PublicJwk]) {
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         verified.insert(keyset.to_string(), (version.clone(), jwks.to_vec()));
@@ -127,11 +151,28 @@ impl Reconciler {
         policy: &KeysetPolicy,
         action: Option<&Action>,
     ) -> Result<Outcome, ReconcileError> {
+        self.reconcile_with(policy, action, &[]).await
+    }
+
+    /// [`Reconciler::reconcile`], knowing which public keys this keyset had
+    /// published: should its document be missing, they stay published and
+    /// no key is activated at once (SPEC C2).
+    pub async fn reconcile_with(
+        &self,
+        policy: &KeysetPolicy,
+        action: Option<&Action>,
+        published_before: &[PublicJwk],
+    ) -> Result<Outcome, ReconcileError> {
         let mut conflicts = 0;
         loop {
             let snapshot = self.load(&policy.name).await?;
             let now = self.clock.now();
-            let plan = planner::plan(now, &snapshot.doc, policy, action)?;
+            let known = if snapshot.version.is_none() {
+                published_before
+            } else {
+                &[]
+            };
+            let plan = planner::plan_with(now, &snapshot.doc, policy, action, known)?;
             if plan.steps.is_empty() {
                 return Ok(Outcome {
                     snapshot,

@@ -40,14 +40,25 @@ impl Schedule {
     /// The shortest time between two consecutive rotations from `from` on
     /// (for cron: over the next thousand ticks).
     pub fn shortest_gap(&self, from: Timestamp) -> Option<Duration> {
+        self.gaps(from).min()
+    }
+
+    /// The longest time between two consecutive rotations from `from` on
+    /// (for cron: over the next thousand ticks): the default `max_stale`.
+    pub fn longest_gap(&self, from: Timestamp) -> Option<Duration> {
+        self.gaps(from).max()
+    }
+
+    fn gaps(&self, from: Timestamp) -> Box<dyn Iterator<Item = Duration> + '_> {
         match self {
-            Schedule::Every(period) => Some(*period),
+            Schedule::Every(period) => Box::new(std::iter::once(*period)),
             Schedule::Cron { schedule, .. } => {
                 let ticks: Vec<Timestamp> = schedule.after(&from).take(CRON_GAP_SAMPLES).collect();
-                ticks
+                let gaps: Vec<Duration> = ticks
                     .windows(2)
                     .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
-                    .min()
+                    .collect();
+                Box::new(gaps.into_iter())
             }
         }
     }

@@ -386,7 +386,7 @@ fn publish_lead_and_retire_grace_follow_the_spec_formulas() {
 
     let mut w = World::bootstrapped(policy);
     let first = w.kid(Alg::ES256, KeyState::Active);
-    // A rotate request 1 minute after a rotation waits the full 13 minutes.
+    // A rotate request 1 minute after a rotation waits the full 43 minutes.
     let rotated = t0() + secs(2 * DAY);
     w.run(rotated, None);
     let plan = w.run(
@@ -398,7 +398,7 @@ fn publish_lead_and_retire_grace_follow_the_spec_formulas() {
     );
     assert_eq!(
         outlook(&plan, Alg::ES256).next_rotation,
-        Some(rotated + secs(780))
+        Some(rotated + secs(2580))
     );
     let retired = w.find(&first).unwrap();
     assert_eq!(retired.remove_at, Some(rotated + secs(7200 + 30 + 180)));
@@ -417,7 +417,8 @@ fn propagation_defaults_to_twice_the_reconcile_interval_in_publish_lead() {
     )
     .unwrap();
     let t = config.keysets[0].timings;
-    assert_eq!(t.publish_lead(), Duration::from_secs(300 + 40));
+    // verifier_cache_ttl defaults to 1h (SPEC §1), not jwks_cache_ttl.
+    assert_eq!(t.publish_lead(), Duration::from_secs(3600 + 40));
     assert_eq!(t.retire_grace(), Duration::from_secs(3600 + 60 + 40));
 }
 
@@ -675,7 +676,7 @@ fn rotate_now_activates_at_once_with_a_warning() {
     assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
     let warning = &plan.warnings[0];
     assert!(
-        warning.contains("jwks_cache_ttl") && warning.contains(&next),
+        warning.contains("verifier_cache_ttl") && warning.contains(&next),
         "{warning}"
     );
 }

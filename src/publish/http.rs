@@ -353,12 +353,7 @@ async fn readyz(method: Method, State(app): State<AppState>) -> Response {
         return not_found();
     }
     let served = app.served.load();
-    let missing: Vec<&str> = served
-        .expected
-        .iter()
-        .filter(|name| !served.keysets.contains_key(*name))
-        .map(String::as_str)
-        .collect();
+    let missing = served.not_ready();
     if missing.is_empty() {
         text(
             &method,
@@ -367,10 +362,7 @@ async fn readyz(method: Method, State(app): State<AppState>) -> Response {
             "ready\n".into(),
         )
     } else {
-        let body = format!(
-            "not ready: keysets not yet published: {}\n",
-            missing.join(", ")
-        );
+        let body = format!("not ready: {}\n", missing.join("; "));
         text(
             &method,
             StatusCode::SERVICE_UNAVAILABLE,

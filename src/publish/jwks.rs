@@ -58,6 +58,21 @@ pub fn render(
             )
         })
         .collect();
+    // Keys published before the document was lost (SPEC C2), as retired;
+    // their kids were checked when the document was parsed or made.
+    entries.extend(doc.orphans.iter().filter_map(|orphan| {
+        let jwk = orphan.public_jwk().ok()?;
+        let jwk = match (&orphan.certificate, x5c) {
+            (Some(certificate), true) => jwk.with_certificate(certificate),
+            _ => jwk,
+        };
+        Some((
+            state_rank(KeyState::Retired),
+            orphan.alg.as_str(),
+            orphan.kid.as_str(),
+            jwk,
+        ))
+    }));
     entries.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     let set = KeySet {
         keys: entries.iter().map(|entry| &entry.3).collect(),
@@ -72,4 +87,46 @@ pub fn render(
         etag,
         max_age_seconds,
     }
+}
+
+/// The public keys in a JWKS this keyset published (a `jwks_file`, or the
+/// bytes last served): what must stay published if the stored document is
+/// lost (SPEC C2). Entries that are not well-formed keyroll keys (their kid
+/// the RFC 7638 thumbprint of their parameters) are left out.
+pub fn parse_public_keys(body: &[u8]) -> Vec<PublicJwk> {
+    #[derive(serde::Deserialize)]
+    struct Set {
+        keys: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        kty: String,
+        kid: Option<String>,
+        n: Option<String>,
+        e: Option<String>,
+        crv: Option<String>,
+        x: Option<String>,
+        y: Option<String>,
+        x5c: Option<Vec<String>>,
+    }
+    let Ok(set) = serde_json::from_slice::<Set>(body) else {
+        return Vec::new();
+    };
+    set.keys
+        .into_iter()
+        .filter_map(|entry| {
+            let jwk = match (entry.kty.as_str(), entry.crv.as_deref()) {
+                ("RSA", _) => PublicJwk::rsa(entry.n?, entry.e?),
+                ("EC", Some("P-256")) => PublicJwk::ec(entry.x?, entry.y?),
+                _ => return None,
+            };
+            if entry.kid.as_deref() != Some(jwk.kid.as_str()) {
+                return None;
+            }
+            Some(match entry.x5c.as_ref().and_then(|chain| chain.first()) {
+                Some(certificate) => jwk.with_certificate(certificate),
+                None => jwk,
+            })
+        })
+        .collect()
 }

@@ -6,12 +6,12 @@ pub mod http;
 mod jwks;
 mod outputs;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use jwks::{render, JwksDocument};
+pub use jwks::{parse_public_keys, render, JwksDocument};
 pub use outputs::{write_jwks_file, write_signing_dir, SIGNING_JSON};
 
 /// What the HTTP server serves, swapped whole on every change so a request
@@ -24,13 +24,31 @@ pub struct Served {
     pub default_keyset: Option<String>,
     /// Keysets the config names; `/readyz` waits for all of them.
     pub expected: Vec<String>,
+    /// Keysets that failed closed (SPEC C5), with why: `/readyz` answers
+    /// 503 while any is here, though their last JWKS is still served.
+    pub failed_closed: BTreeMap<String, String>,
+    /// The `(alg, kid)` of each key signers are offered, per keyset: what
+    /// `signing_dir` holds. Empty when signing keys are withheld.
+    pub offered: HashMap<String, Vec<(crate::key::Alg, String)>>,
 }
 
 impl Served {
     pub fn ready(&self) -> bool {
-        self.expected
+        self.not_ready().is_empty()
+    }
+
+    /// Why `/readyz` answers 503: nothing when ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let unpublished = self
+            .expected
             .iter()
-            .all(|name| self.keysets.contains_key(name))
+            .filter(|name| !self.keysets.contains_key(*name))
+            .map(|name| format!("keyset {name} not yet published"));
+        let closed = self
+            .failed_closed
+            .iter()
+            .map(|(name, why)| format!("keyset {name} failed closed: {why}"));
+        unpublished.chain(closed).collect()
     }
 }
 
