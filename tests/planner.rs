@@ -959,3 +959,243 @@ fn upcoming_respects_a_pending_wait_for_publish_lead() {
     assert_eq!(events[0].event, AuditEvent::Activated);
     assert_eq!(events[0].at, t0() + lead(&w.policy));
 }
+
+// ---- changes and failures (SPEC C2, C3, C4, C6) --------------------------------
+
+fn with_timings(token_ttl: &'static str, verifier_cache_ttl: &'static str) -> KeysetPolicy {
+    PolicyText {
+        algorithms: r#"["ES256"]"#,
+        token_ttl,
+        verifier_cache_ttl: Some(verifier_cache_ttl),
+        ..PolicyText::default()
+    }
+    .build()
+}
+
+#[test]
+fn remove_at_grows_with_the_grace_and_never_shrinks() {
+    let mut w = World::bootstrapped(with_timings("1h", "5m"));
+    let first = w.kid(Alg::ES256, KeyState::Active);
+    w.run(t0() + secs(DAY), None);
+    let retired = w.find(&first).unwrap().clone();
+    let planned = retired.remove_at.unwrap();
+    assert_eq!(planned, retired.retired_at.unwrap() + grace(&w.policy));
+
+    // token_ttl raised to 3h: remove_at follows retired_at + the new grace.
+    w.policy = with_timings("3h", "5m");
+    let plan = w.run(t0() + secs(DAY) + secs(60), None);
+    let grown = retired.retired_at.unwrap() + grace(&w.policy);
+    assert!(plan.steps.contains(&Step::ExtendRemoval {
+        kid: first.clone(),
+        remove_at: grown,
+    }));
+    assert_eq!(w.find(&first).unwrap().remove_at, Some(grown));
+
+    // Lowered again: nothing shrinks, and the key stays past the old instant.
+    w.policy = with_timings("1h", "5m");
+    let plan = w.run(planned + secs(1), None);
+    assert!(!plan.steps.contains(&Step::Remove { kid: first.clone() }));
+    assert_eq!(w.find(&first).unwrap().remove_at, Some(grown));
+    w.run(grown, None);
+    assert!(w.find(&first).is_none(), "removed at the grown remove_at");
+}
+
+#[test]
+fn a_next_key_waits_for_the_longest_lead_since_its_publication() {
+    let mut w = World::bootstrapped(with_timings("1h", "2h"));
+    let next = w.kid(Alg::ES256, KeyState::Next);
+    let published = w.key(Alg::ES256, KeyState::Next).published_at;
+    let long_lead = published + lead(&w.policy);
+    assert_eq!(w.key(Alg::ES256, KeyState::Next).ready_at, Some(long_lead));
+
+    // verifier_cache_ttl lowered to 5m: a rotate an hour in still waits for
+    // the 2h lead the key was published under.
+    w.policy = with_timings("1h", "5m");
+    let plan = w.run(
+        published + secs(3600),
+        Some(&Action::Rotate {
+            alg: None,
+            force: false,
+        }),
+    );
+    assert!(activations(&plan).is_empty(), "{:?}", plan.steps);
+    assert_eq!(
+        outlook(&plan, Alg::ES256).next_rotation,
+        Some(long_lead),
+        "{:?}",
+        plan.outlook
+    );
+    let plan = w.run(long_lead, None);
+    assert_eq!(activations(&plan), vec![(next.as_str(), Trigger::Manual)]);
+}
+
+#[test]
+fn a_longer_lead_is_recorded_on_the_waiting_key() {
+    let mut w = World::bootstrapped(with_timings("1h", "5m"));
+    let next = w.kid(Alg::ES256, KeyState::Next);
+    let published = w.key(Alg::ES256, KeyState::Next).published_at;
+    w.policy = with_timings("1h", "3h");
+    let longer = published + lead(&w.policy);
+    let plan = w.run(t0() + secs(60), None);
+    assert_eq!(
+        plan.steps,
+        vec![Step::RecordReady {
+            kid: next.clone(),
+            ready_at: longer
+        }]
+    );
+    // Shortened again: the longer wait stands for a requested rotation.
+    w.policy = with_timings("1h", "5m");
+    let rotate = Action::Rotate {
+        alg: None,
+        force: false,
+    };
+    let plan = w.plan(longer - secs(1), Some(&rotate)).unwrap();
+    assert!(activations(&plan).is_empty());
+    assert_eq!(outlook(&plan, Alg::ES256).next_rotation, Some(longer));
+    let plan = w.plan(longer, Some(&rotate)).unwrap();
+    assert_eq!(activations(&plan), vec![(next.as_str(), Trigger::Manual)]);
+}
+
+#[test]
+fn revoking_the_active_key_with_a_young_next_key_warns() {
+    let mut w = World::bootstrapped(es256_only());
+    let active = w.kid(Alg::ES256, KeyState::Active);
+    let next = w.kid(Alg::ES256, KeyState::Next);
+    let plan = w.run(
+        t0() + secs(30),
+        Some(&Action::Revoke {
+            kid: active,
+            reason: "compromised".into(),
+        }),
+    );
+    assert_eq!(activations(&plan), vec![(next.as_str(), Trigger::Revoke)]);
+    assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+    assert!(
+        plan.warnings[0].contains("verifier_cache_ttl") && plan.warnings[0].contains(&next),
+        "{}",
+        plan.warnings[0]
+    );
+
+    // A next key old enough needs no warning.
+    let old_enough = t0() + secs(30) + lead(&w.policy);
+    let active = w.kid(Alg::ES256, KeyState::Active);
+    let plan = w.run(
+        old_enough,
+        Some(&Action::Revoke {
+            kid: active,
+            reason: "compromised".into(),
+        }),
+    );
+    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+}
+
+#[test]
+fn a_lost_document_keeps_the_published_keys_and_bootstraps_nothing_at_once() {
+    let mut w = World::bootstrapped(support::policy());
+    let published: Vec<_> = w
+        .doc
+        .keys
+        .iter()
+        .map(|k| w.keys.public_jwk(k.alg, &k.private_key_pem).unwrap())
+        // As a verifier saw them: kids are the RFC 7638 thumbprints.
+        .map(|jwk| match jwk.alg {
+            Alg::ES256 => keyroll::key::PublicJwk::ec(jwk.x.unwrap(), jwk.y.unwrap()),
+            Alg::RS256 => keyroll::key::PublicJwk::rsa(jwk.n.unwrap(), jwk.e.unwrap()),
+        })
+        .collect();
+    let lost_at = t0() + secs(3600);
+    let empty = KeysetDoc::new("default");
+    let plan = planner::plan_with(lost_at, &empty, &w.policy, None, &published).unwrap();
+    assert!(
+        matches!(&plan.steps[0], Step::AdoptOrphans { orphans } if orphans.len() == published.len()),
+        "{:?}",
+        plan.steps
+    );
+    assert!(
+        !plan.steps.iter().any(|s| matches!(
+            s,
+            Step::Create {
+                state: KeyState::Active,
+                ..
+            } | Step::Activate { .. }
+        )),
+        "a silent bootstrap: {:?}",
+        plan.steps
+    );
+    assert!(!plan.warnings.is_empty());
+
+    // The same key factory, so new kids never repeat the orphans'.
+    let mut recovered = w;
+    recovered.doc = empty;
+    let keys = &recovered.keys;
+    planner::apply(&mut recovered.doc, &plan, &recovered.policy, &mut |alg| {
+        keys.generate(alg, 2048, "default", lost_at)
+    })
+    .unwrap();
+    assert_eq!(recovered.doc.orphans.len(), published.len());
+    assert!(recovered.doc.lost.is_some());
+    recovered.doc.check_structure("default").unwrap();
+    for orphan in &recovered.doc.orphans {
+        assert_eq!(orphan.remove_at, lost_at + grace(&recovered.policy));
+        assert_eq!(orphan.public_jwk().unwrap().kid, orphan.kid);
+    }
+    // The new keys become active only after publish_lead; the orphans go
+    // after retire_grace; an operator's rotate clears the loss.
+    let plan = recovered.run(lost_at + lead(&recovered.policy) - secs(1), None);
+    assert!(activations(&plan).is_empty());
+    let plan = recovered.run(lost_at + lead(&recovered.policy), None);
+    assert_eq!(activations(&plan).len(), 2, "{:?}", plan.steps);
+    recovered.run(lost_at + grace(&recovered.policy), None);
+    assert!(recovered.doc.orphans.is_empty());
+    recovered.run(
+        lost_at + grace(&recovered.policy) + secs(1),
+        Some(&Action::Rotate {
+            alg: None,
+            force: false,
+        }),
+    );
+    assert!(recovered.doc.lost.is_none());
+}
+
+#[test]
+fn a_clock_behind_the_document_removes_nothing() {
+    let mut w = World::bootstrapped(es256_only());
+    let first = w.kid(Alg::ES256, KeyState::Active);
+    let rotated = t0() + secs(DAY);
+    w.run(rotated, None);
+    let remove_at = w.find(&first).unwrap().remove_at.unwrap();
+    // Another writer, its clock far ahead, stamped the document.
+    w.doc.pending_rotations.insert(Alg::ES256, remove_at + secs(3600));
+    let plan = w.plan(remove_at, None).unwrap();
+    assert!(!plan.steps.contains(&Step::Remove { kid: first.clone() }));
+    let behind = plan.clock_behind.expect("the offset is reported");
+    assert_eq!(behind, secs(3600));
+    assert!(plan.warnings.iter().any(|w| w.contains("clock")));
+    // Once the clocks agree within clock_skew, the key goes.
+    let plan = w.plan(remove_at + secs(3600), None).unwrap();
+    assert!(plan.steps.contains(&Step::Remove { kid: first }));
+}
+
+#[test]
+fn a_schema_1_document_is_read_and_rewritten_only_on_a_real_change() {
+    let w = World::bootstrapped(es256_only());
+    let mut v1: serde_json::Value = serde_json::from_str(&w.doc.to_json()).unwrap();
+    v1["schema_version"] = 1.into();
+    for key in v1["keys"].as_array_mut().unwrap() {
+        key.as_object_mut().unwrap().remove("ready_at");
+    }
+    let text = serde_json::to_string(&v1).unwrap();
+    let doc = KeysetDoc::parse(&text, "default", "v1.json").unwrap();
+    assert_eq!(doc.schema_version, keyroll::document::SCHEMA_VERSION);
+    // An idle plan changes nothing: no write just for the migration.
+    let plan = planner::plan(t0() + secs(60), &doc, &w.policy, None).unwrap();
+    assert!(plan.steps.is_empty(), "{:?}", plan.steps);
+    // A real change also records the lead of waiting keys.
+    let plan = planner::plan(t0() + secs(DAY), &doc, &w.policy, None).unwrap();
+    assert!(!activations(&plan).is_empty());
+    // A future schema is still refused.
+    v1["schema_version"] = 3.into();
+    let err = KeysetDoc::parse(&v1.to_string(), "default", "v3.json").unwrap_err();
+    assert!(err.to_string().contains("schema version 3"), "{err}");
+}
