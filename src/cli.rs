@@ -413,17 +413,6 @@ async fn termination() {
     }
 }
 
-/// The public keys a keyset's `jwks_file` holds: should its document be
-/// missing, a CLI write must not silently bootstrap it either (SPEC C2).
-fn published_before(policy: &KeysetPolicy) -> Vec<crate::key::PublicJwk> {
-    policy
-        .jwks_file
-        .as_ref()
-        .and_then(|path| std::fs::read(path).ok())
-        .map(|body| publish::parse_public_keys(&body))
-        .unwrap_or_default()
-}
-
 async fn reconciler(config: &Config) -> Result<Reconciler, CliError> {
     Ok(Reconciler::new(
         store::open(&config.store).await?,
@@ -732,7 +721,11 @@ async fn rotate(
     let action = Action::Rotate { alg, force };
     let outcome = reconciler(config)
         .await?
-        .reconcile_with(policy, Some(&action), &published_before(policy))
+        .reconcile_with(
+            policy,
+            Some(&action),
+            &publish::published_in_jwks_file(policy),
+        )
         .await?;
     for warning in &outcome.plan.warnings {
         eprintln!("warning: {warning}");
@@ -778,7 +771,11 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
     };
     let reconciler = reconciler(config).await?;
     let outcome = match reconciler
-        .reconcile_with(policy, Some(&action), &published_before(policy))
+        .reconcile_with(
+            policy,
+            Some(&action),
+            &publish::published_in_jwks_file(policy),
+        )
         .await
     {
         Ok(outcome) => outcome,

@@ -690,7 +690,15 @@ fn build_keyset(
     }
 
     let schedule = build_schedule(&raw, &key, timings, context, c);
-    let max_stale = build_max_stale(&raw, &key, &schedule, reconcile_interval, context, c);
+    let max_stale = build_max_stale(
+        &raw,
+        &key,
+        &schedule,
+        timings,
+        reconcile_interval,
+        context,
+        c,
+    );
 
     KeysetPolicy {
         name,
@@ -705,13 +713,18 @@ fn build_keyset(
     }
 }
 
-/// `max_stale` (SPEC C5): at most the rotation period, so a replica cut
-/// off from the store fails closed before it could miss a second rotation;
-/// at least two `reconcile_interval`s, so one slow load does not trip it.
+/// `max_stale` (SPEC C5). A replica cut off from the store keeps serving
+/// its last JWKS, which lacks the `next` key the others made at the last
+/// rotation; verifiers may cache that copy for `verifier_cache_ttl`. So it
+/// must fail closed (leave the load balancer) at least `publish_lead`
+/// before that key can sign: at most the rotation period minus
+/// `publish_lead`, the default. At least two `reconcile_interval`s, so one
+/// slow load does not trip it.
 fn build_max_stale(
     raw: &RawKeyset,
     key: &dyn Fn(&str) -> String,
     schedule: &Schedule,
+    timings: Timings,
     reconcile_interval: Duration,
     context: &ParseContext,
     c: &mut Checker,
@@ -719,17 +732,30 @@ fn build_max_stale(
     let period = schedule
         .longest_gap(context.now)
         .unwrap_or(DEFAULT_ROTATE_EVERY);
-    let Some(max_stale) = c.duration(raw.max_stale.as_ref(), &key("max_stale")) else {
-        return period;
-    };
+    let lead = timings.publish_lead();
     let floor = reconcile_interval * 2;
+    let ceiling = period.saturating_sub(lead).max(floor);
+    let Some(max_stale) = c.duration(raw.max_stale.as_ref(), &key("max_stale")) else {
+        return ceiling;
+    };
     if max_stale > period {
         let message = format!(
             "{} is longer than the rotation period ({}): a replica cut off from the store would keep \
-             signing after the other replicas rotated twice; use at most {}",
+             signing after the other replicas rotated twice; use at most {} (the period minus publish_lead)",
             show(max_stale),
             show(period),
-            show(period)
+            show(ceiling)
+        );
+        c.problem(raw.max_stale.as_ref(), &key("max_stale"), message);
+    } else if max_stale > ceiling {
+        let message = format!(
+            "{} leaves less than publish_lead ({}) before the next rotation ({} apart): verifiers could \
+             still hold a cut-off replica's JWKS, without the next key, when that key starts signing; \
+             use at most {}",
+            show(max_stale),
+            show(lead),
+            show(period),
+            show(ceiling)
         );
         c.problem(raw.max_stale.as_ref(), &key("max_stale"), message);
     } else if max_stale < floor {

@@ -102,12 +102,7 @@ struct KeysetRun {
 
 impl KeysetRun {
     fn new(policy: KeysetPolicy) -> Self {
-        let published = policy
-            .jwks_file
-            .as_ref()
-            .and_then(|path| std::fs::read(path).ok())
-            .map(|body| publish::parse_public_keys(&body))
-            .unwrap_or_default();
+        let published = publish::published_in_jwks_file(&policy);
         KeysetRun {
             policy,
             removed: false,
@@ -687,7 +682,7 @@ impl Daemon {
             .map(|key| (key.alg, key.kid.clone()))
             .collect();
         let (policy_owned, body) = (policy.clone(), jwks.body.clone());
-        let results = tokio::task::spawn_blocking(move || {
+        let write_files = move || {
             let signing_dir = policy_owned.signing_dir.as_ref().map(|dir| {
                 publish::write_signing_dir(dir, &offered_doc).map_err(|e| e.to_string())
             });
@@ -696,9 +691,16 @@ impl Daemon {
                 .as_ref()
                 .map(|path| publish::write_jwks_file(path, &body).map_err(|e| e.to_string()));
             (signing_dir, jwks_file)
-        })
-        .await;
-        let (signing_dir, jwks_file) = results.unwrap_or((None, None));
+        };
+        // File writes block; without file outputs nothing needs a thread.
+        let (signing_dir, jwks_file) = if policy.signing_dir.is_none() && policy.jwks_file.is_none()
+        {
+            (None, None)
+        } else {
+            tokio::task::spawn_blocking(write_files)
+                .await
+                .unwrap_or((None, None))
+        };
         for (output, result) in [("signing_dir", signing_dir), ("jwks_file", jwks_file)] {
             match result {
                 Some(Err(error)) => {
@@ -711,11 +713,7 @@ impl Daemon {
             }
         }
         if let Some(run) = self.keysets.get_mut(&policy.name) {
-            let mut published = publish::parse_public_keys(&jwks.body);
-            // Keys served before and still within reach of a cache are kept
-            // in mind too, until the document confirms their fate.
-            published.retain(|jwk| !jwk.kid.is_empty());
-            run.published = published;
+            run.published = published_keys(snapshot, policy.x5c);
         }
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.
@@ -817,6 +815,32 @@ impl Daemon {
         };
         notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// The public keys a JWKS rendered from `snapshot` holds, as verifiers got
+/// them (with their certificate): what stays published should the
+/// document go missing (C2).
+fn published_keys(snapshot: &Snapshot, x5c: bool) -> Vec<PublicJwk> {
+    let keys = snapshot
+        .doc
+        .keys
+        .iter()
+        .zip(&snapshot.jwks)
+        .map(|(key, jwk)| {
+            if x5c {
+                jwk.clone().with_certificate(&key.certificate)
+            } else {
+                jwk.clone()
+            }
+        });
+    let orphans = snapshot.doc.orphans.iter().filter_map(|orphan| {
+        let jwk = orphan.public_jwk().ok()?;
+        Some(match (&orphan.certificate, x5c) {
+            (Some(certificate), true) => jwk.with_certificate(certificate),
+            _ => jwk,
+        })
+    });
+    keys.chain(orphans).collect()
 }
 
 /// Whether two documents hold the same keys in the same states.

@@ -277,6 +277,19 @@ impl Reconciler {
         algs: &[Alg],
         created_at: Timestamp,
     ) -> Result<Vec<NewKey>, ReconcileError> {
+        if self.keys.generates_instantly() {
+            return algs
+                .iter()
+                .map(|&alg| {
+                    self.keys
+                        .generate(alg, policy.rsa_bits, &policy.name, created_at)
+                        .map_err(|source| ReconcileError::Key {
+                            keyset: policy.name.clone(),
+                            source,
+                        })
+                })
+                .collect();
+        }
         let tasks: Vec<_> = algs
             .iter()
             .map(|&alg| {

@@ -1166,7 +1166,9 @@ fn a_clock_behind_the_document_removes_nothing() {
     w.run(rotated, None);
     let remove_at = w.find(&first).unwrap().remove_at.unwrap();
     // Another writer, its clock far ahead, stamped the document.
-    w.doc.pending_rotations.insert(Alg::ES256, remove_at + secs(3600));
+    w.doc
+        .pending_rotations
+        .insert(Alg::ES256, remove_at + secs(3600));
     let plan = w.plan(remove_at, None).unwrap();
     assert!(!plan.steps.contains(&Step::Remove { kid: first.clone() }));
     let behind = plan.clock_behind.expect("the offset is reported");

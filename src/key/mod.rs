@@ -212,6 +212,13 @@ pub trait KeyFactory: Send + Sync {
 
     /// The public JWK of a stored private key (its `kid` is the thumbprint).
     fn public_jwk(&self, alg: Alg, pem: &SecretPem) -> Result<PublicJwk, KeyError>;
+
+    /// Whether `generate` is cheap enough to run on the async runtime
+    /// (test fakes): then no blocking thread is involved, and a test under
+    /// tokio's paused clock sees no time pass while keys are made.
+    fn generates_instantly(&self) -> bool {
+        false
+    }
 }
 
 /// The real [`KeyFactory`]: RSA and P-256 keys, rcgen certificates.

@@ -14,6 +14,18 @@ use arc_swap::ArcSwap;
 pub use jwks::{parse_public_keys, render, JwksDocument};
 pub use outputs::{write_jwks_file, write_signing_dir, SIGNING_JSON};
 
+/// The public keys a keyset's `jwks_file` holds: should its document be
+/// missing, neither the daemon nor a CLI write may silently bootstrap it
+/// (SPEC C2).
+pub fn published_in_jwks_file(policy: &crate::config::KeysetPolicy) -> Vec<crate::key::PublicJwk> {
+    policy
+        .jwks_file
+        .as_ref()
+        .and_then(|path| std::fs::read(path).ok())
+        .map(|body| parse_public_keys(&body))
+        .unwrap_or_default()
+}
+
 /// What the HTTP server serves, swapped whole on every change so a request
 /// never waits for a reconcile.
 #[derive(Default)]

@@ -48,8 +48,9 @@ impl Clock for FakeClock {
     }
 }
 
-/// Keys without cryptography: the "PEM" names the kid, so `public_jwk`
-/// can derive it back (and a mismatched kid is caught like a real one).
+/// Keys without cryptography: the "PEM" names the key's number, from which
+/// `public_jwk` derives made-up public parameters; the kid is their RFC 7638
+/// thumbprint, as for a real key (so a mismatched kid is caught like one).
 #[derive(Default)]
 pub struct FakeKeys {
     counter: AtomicU64,
@@ -64,8 +65,15 @@ impl FakeKeys {
     }
 }
 
-pub fn fake_pem(kid: &str) -> String {
-    format!("{FAKE_PEM_PREFIX}{kid}")
+pub fn fake_pem(name: &str) -> String {
+    format!("{FAKE_PEM_PREFIX}{name}")
+}
+
+fn fake_public(alg: Alg, name: &str) -> PublicJwk {
+    match alg {
+        Alg::ES256 => PublicJwk::ec(format!("x-{name}"), format!("y-{name}")),
+        Alg::RS256 => PublicJwk::rsa(format!("n-{name}"), "AQAB".to_string()),
+    }
 }
 
 impl KeyFactory for FakeKeys {
@@ -77,10 +85,10 @@ impl KeyFactory for FakeKeys {
         _created_at: Timestamp,
     ) -> Result<NewKey, KeyError> {
         let n = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
-        let kid = format!("k{n}-{alg}");
+        let name = format!("k{n}-{alg}");
         Ok(NewKey {
-            private_key_pem: SecretPem::new(zeroize::Zeroizing::new(fake_pem(&kid))),
-            kid,
+            private_key_pem: SecretPem::new(zeroize::Zeroizing::new(fake_pem(&name))),
+            kid: fake_public(alg, &name).kid,
             alg,
             // "fake-cert" in standard base64: a valid x5c entry.
             certificate: "ZmFrZS1jZXJ0".into(),
@@ -88,42 +96,16 @@ impl KeyFactory for FakeKeys {
     }
 
     fn public_jwk(&self, alg: Alg, pem: &SecretPem) -> Result<PublicJwk, KeyError> {
-        let kid = pem
+        let name = pem
             .expose()
             .strip_prefix(FAKE_PEM_PREFIX)
-            .filter(|kid| kid.ends_with(&format!("-{alg}")))
+            .filter(|name| name.ends_with(&format!("-{alg}")))
             .ok_or(KeyError::Unparseable { alg })?;
-        let (kty, crv, x, y, n, e) = match alg {
-            Alg::ES256 => (
-                "EC",
-                Some("P-256"),
-                Some(format!("x-{kid}")),
-                Some(format!("y-{kid}")),
-                None,
-                None,
-            ),
-            Alg::RS256 => (
-                "RSA",
-                None,
-                None,
-                None,
-                Some(format!("n-{kid}")),
-                Some("AQAB".to_string()),
-            ),
-        };
-        Ok(PublicJwk {
-            kty,
-            use_: "sig",
-            alg,
-            kid: kid.to_string(),
-            crv,
-            x,
-            y,
-            n,
-            e,
-            x5c: None,
-            x5t_s256: None,
-        })
+        Ok(fake_public(alg, name))
+    }
+
+    fn generates_instantly(&self) -> bool {
+        true
     }
 }
 
