@@ -106,6 +106,8 @@ struct Offered {
     pems: usize,
     /// The number of keys in `signing.json` (None: no such file).
     json_keys: Option<usize>,
+    /// alg → kid of the keys in `signing.json`.
+    json_kids: BTreeMap<String, String>,
 }
 
 impl Offered {
@@ -120,17 +122,33 @@ impl Offered {
                 pems += 1;
             }
         }
-        let json_keys = fs::read(dir.join("signing.json")).ok().map(|body| {
+        let json: Option<Vec<Value>> = fs::read(dir.join("signing.json")).ok().map(|body| {
             parse_json(&body, "signing.json")["keys"]
                 .as_array()
                 .expect("signing.json has a keys array")
-                .len()
+                .clone()
         });
+        let json_kids = json
+            .iter()
+            .flatten()
+            .map(|k| (str_member(k, "alg").to_string(), str_member(k, "kid").to_string()))
+            .collect();
         Offered {
             kids,
             pems,
-            json_keys,
+            json_keys: json.map(|keys| keys.len()),
+            json_kids,
         }
+    }
+
+    /// Every (alg, kid) a signer could pick up from `<ALG>.kid` or
+    /// `signing.json`.
+    fn all_kids(&self) -> BTreeSet<(String, String)> {
+        self.kids
+            .iter()
+            .chain(&self.json_kids)
+            .map(|(alg, kid)| (alg.clone(), kid.clone()))
+            .collect()
     }
 
     /// No key at all: what a signer must find when keys are withheld.
@@ -413,7 +431,7 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
     let activated = daemon.until("back's new keys to be offered", LONG, || {
         let offered = Offered::read(&back_dir);
         let now = now_unix();
-        for (alg, kid) in &offered.kids {
+        for (alg, kid) in &offered.all_kids() {
             let key = &fresh[alg];
             assert_eq!(kid, &key.kid, "{alg}: only the new key is offered");
             assert!(
@@ -498,4 +516,201 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
         "the audit trail holds no key material"
     );
     daemon.stop_cleanly("TERM");
+}
+
+// ---- C2: the stored document goes missing -------------------------------------
+
+/// C2, while running or across a restart: the keys published before stay
+/// in the JWKS (retired, until retire_grace), an ERROR names the keyset and
+/// the document, status shows `document_lost_at`, new keys are published as
+/// next and none signs before publish_lead; `keyroll rotate` acknowledges.
+fn lost_document(restart: bool) {
+    let sb = Sandbox::new();
+    let keysets = block(&sb, "default", STEADY);
+    sb.write_config(&keysets);
+    let signing = signing_path(&sb, "default");
+    let mut daemon = spawn_json(&sb);
+    wait_ready(&mut daemon, &sb);
+    wait_offered(&mut daemon, &signing);
+    let old = served_kids(&jwks_url(&sb, "default")).expect("the JWKS");
+    assert_eq!(old.len(), 4, "active and next per algorithm: {old:?}");
+    daemon.until("jwks_file to hold the published keys", LONG, || {
+        let in_file = file_kids(&jwks_path(&sb, "default"));
+        (in_file == old).then_some(()).ok_or(format!("{in_file:?}"))
+    });
+    let tokens: Vec<(String, f64)> = signer_keys(&signing)
+        .iter()
+        .map(|key| token(key, TOKEN_TTL))
+        .collect();
+
+    let document = sb.store_file("default");
+    let lost_at = if restart {
+        daemon.stop_cleanly("TERM");
+        fs::remove_file(&document).expect("delete the stored document");
+        let lost_at = now_unix();
+        daemon = spawn_json(&sb);
+        lost_at
+    } else {
+        fs::remove_file(&document).expect("delete the stored document");
+        now_unix()
+    };
+    let log = daemon.log_path();
+    let status = daemon.until("status to show the lost document", LONG, || {
+        let status = sb.status_json();
+        if keyset_status(&status, "default")["document_lost_at"].is_string() {
+            Ok(status)
+        } else {
+            Err(format!("{status}"))
+        }
+    });
+    let detected = instant(&keyset_status(&status, "default")["document_lost_at"]).unwrap();
+    assert!(detected >= lost_at - 0.01, "detected at {detected}, lost at {lost_at}");
+    let location = document.display().to_string();
+    let errors: Vec<Value> = log_lines(&log)
+        .into_iter()
+        .filter(|l| {
+            l["level"] == "ERROR" && l["keyset"] == "default" && l["document"] == location.as_str()
+        })
+        .collect();
+    assert!(
+        !errors.is_empty(),
+        "no ERROR naming keyset and document {location}:\n{}",
+        tail(&daemon.stderr())
+    );
+
+    // Signers lose the old key within propagation of the detection.
+    let emptied = daemon.until("signing_dir to be emptied", LONG, || {
+        let offered = Offered::read(&signing);
+        offered
+            .is_empty()
+            .then(now_unix)
+            .ok_or(format!("{offered:?}"))
+    });
+    assert!(
+        emptied - detected <= PROPAGATION + SLACK,
+        "signing_dir emptied {:.2} s after the loss was detected",
+        emptied - detected
+    );
+
+    // The old keys stay published, as retired, until retire_grace.
+    let rows = keys(&status, "default");
+    let mut fresh: BTreeMap<String, Key> = BTreeMap::new();
+    for alg in ALGS {
+        assert!(
+            in_state(&rows, alg, "active").is_empty(),
+            "{alg}: no key active right after the loss: {rows:?}"
+        );
+        let next = the(&rows, alg, "next");
+        assert!(!old.contains(&next.kid), "{alg}: a new next key: {rows:?}");
+        fresh.insert(alg.to_string(), next.clone());
+    }
+    for kid in &old {
+        let row = rows
+            .iter()
+            .find(|k| &k.kid == kid)
+            .unwrap_or_else(|| panic!("published key {kid} dropped from the store: {rows:?}"));
+        assert_eq!(row.state, "retired", "{row:?}");
+        let remove_at = row.remove_at.expect("remove_at");
+        assert!(
+            remove_at >= detected + RETIRE_GRACE as f64 - 0.01,
+            "{kid} kept only until {remove_at}, lost at {detected}: {row:?}"
+        );
+    }
+    let served = served_kids(&jwks_url(&sb, "default")).expect("the JWKS");
+    let wanted: BTreeSet<String> = old
+        .iter()
+        .cloned()
+        .chain(fresh.values().map(|k| k.kid.clone()))
+        .collect();
+    daemon.until("the JWKS to hold the old and the new keys", LONG, || {
+        let served = served_kids(&jwks_url(&sb, "default"))?;
+        (served == wanted)
+            .then_some(())
+            .ok_or(format!("{served:?}, want {wanted:?}"))
+    });
+    assert!(served.is_superset(&old), "old keys served all along: {served:?}");
+    for (jwt, exp) in &tokens {
+        if now_unix() < exp - 0.3 {
+            let body = get_ok(&jwks_url(&sb, "default")).unwrap().body;
+            verify(jwt, &body).unwrap_or_else(|e| panic!("a token signed before the loss: {e}"));
+        }
+    }
+
+    // No key is offered until publish_lead after the new keys' publication.
+    let offered_at = daemon.until("the new keys to be offered", LONG, || {
+        let offered = Offered::read(&signing);
+        let now = now_unix();
+        for (alg, kid) in &offered.all_kids() {
+            assert!(!old.contains(kid), "{alg}: a lost key offered again: {kid}");
+            let key = &fresh[alg];
+            assert_eq!(kid, &key.kid, "{alg}: only the new key is offered");
+            assert!(
+                now >= key.published_at.unwrap() + PUBLISH_LEAD as f64,
+                "{alg}: {kid} offered at {now}, before publish_lead"
+            );
+        }
+        if offered.has_both() {
+            Ok(now)
+        } else {
+            Err(format!("{offered:?}"))
+        }
+    });
+    let status = daemon.until("the store to record the activations", LONG, || {
+        let status = sb.status_json();
+        let rows = keys(&status, "default");
+        if ALGS.iter().all(|alg| in_state(&rows, alg, "active").len() == 1) {
+            Ok(status)
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    });
+    let rows = keys(&status, "default");
+    for (alg, key) in &fresh {
+        let active = the(&rows, alg, "active");
+        assert_eq!(active.kid, key.kid, "{alg}");
+        let waited = active.activated_at.unwrap() - key.published_at.unwrap();
+        assert!(waited >= PUBLISH_LEAD as f64, "{alg}: active after {waited} s");
+    }
+    assert!(
+        keyset_status(&status, "default")["document_lost_at"].is_string(),
+        "the loss stays visible until an operator acts"
+    );
+    assert!(offered_at - detected < PUBLISH_LEAD as f64 + PROPAGATION + SLACK + 5.0);
+
+    // The old keys leave the JWKS at their remove_at, not before.
+    let remove_at = rows
+        .iter()
+        .filter(|k| old.contains(&k.kid))
+        .map(|k| k.remove_at.unwrap())
+        .fold(f64::MAX, f64::min);
+    daemon.until("the old keys to leave the JWKS", LONG, || {
+        let asked = now_unix();
+        let served = served_kids(&jwks_url(&sb, "default"))?;
+        if served.is_disjoint(&old) {
+            assert!(asked >= remove_at, "old keys dropped at {asked}, remove_at {remove_at}");
+            Ok(())
+        } else {
+            Err(format!("{served:?}"))
+        }
+    });
+
+    // An operator acknowledges with `keyroll rotate`.
+    sb.cli(&["rotate"]).ok();
+    let status = sb.status_json();
+    assert_eq!(
+        keyset_status(&status, "default")["document_lost_at"],
+        Value::Null,
+        "rotate clears document_lost_at: {status}"
+    );
+    daemon.stop_cleanly("TERM");
+}
+
+#[test]
+fn c2_a_document_deleted_under_a_running_daemon_is_never_a_silent_bootstrap() {
+    lost_document(false);
+}
+
+#[test]
+fn c2_a_document_deleted_while_stopped_keeps_the_keys_of_jwks_file() {
+    lost_document(true);
 }
