@@ -62,6 +62,7 @@ struct Key {
     state: String,
     published_at: Option<f64>,
     activated_at: Option<f64>,
+    retired_at: Option<f64>,
     remove_at: Option<f64>,
 }
 
@@ -76,6 +77,7 @@ fn keys(status: &Value, keyset: &str) -> Vec<Key> {
             state: k["state"].as_str().expect("state").to_string(),
             published_at: instant(&k["published_at"]),
             activated_at: instant(&k["activated_at"]),
+            retired_at: instant(&k["retired_at"]),
             remove_at: instant(&k["remove_at"]),
         })
         .collect()
@@ -713,4 +715,267 @@ fn c2_a_document_deleted_under_a_running_daemon_is_never_a_silent_bootstrap() {
 #[test]
 fn c2_a_document_deleted_while_stopped_keeps_the_keys_of_jwks_file() {
     lost_document(true);
+}
+
+// ---- C3: timing changed -------------------------------------------------------
+
+/// publish_lead 12 s + 2 s = 14 s, retire_grace 20 s + 1 s + 2 s = 23 s.
+const C3_BEFORE: &str = r#"rotate_every = "1h"
+token_ttl = "20s"
+jwks_cache_ttl = "2s"
+verifier_cache_ttl = "12s"
+propagation = "2s"
+clock_skew = "1s"
+"#;
+const C3_LEAD: f64 = 14.0;
+const C3_GRACE: f64 = 23.0;
+/// token_ttl raised: retire_grace 63 s.
+const C3_RAISED: &str = r#"rotate_every = "1h"
+token_ttl = "60s"
+jwks_cache_ttl = "2s"
+verifier_cache_ttl = "12s"
+propagation = "2s"
+clock_skew = "1s"
+"#;
+const C3_RAISED_GRACE: f64 = 63.0;
+/// Both lowered again: retire_grace 23 s, publish_lead 4 s.
+const C3_LOWERED: &str = r#"rotate_every = "1h"
+token_ttl = "20s"
+jwks_cache_ttl = "2s"
+verifier_cache_ttl = "2s"
+propagation = "2s"
+clock_skew = "1s"
+"#;
+
+/// Waits until the daemon has finished a reconcile that started after `at`.
+fn reconciled_after(daemon: &mut Daemon, sb: &Sandbox, keyset: &str, at: f64) {
+    daemon.until("a reconcile after the change", LONG, || {
+        let text = get_ok(&sb.url("/metrics"))?.text();
+        let last = metric(
+            &text,
+            "keyroll_last_reconcile_success_timestamp_seconds",
+            &[("keyset", keyset)],
+        )
+        .ok_or("no last-success metric")?;
+        // The gauge has whole seconds.
+        if last >= at.floor() + 1.0 {
+            Ok(())
+        } else {
+            Err(format!("last success {last}"))
+        }
+    });
+}
+
+/// C3: raising token_ttl grows a retired key's remove_at to retired_at +
+/// the new retire_grace, lowering it again shrinks nothing, and a next key
+/// published under a longer publish_lead waits for the longer one even
+/// after verifier_cache_ttl is lowered.
+#[test]
+fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
+    let sb = Sandbox::new();
+    let signing = signing_path(&sb, "default");
+    sb.write_config(&block(&sb, "default", C3_BEFORE));
+    let mut daemon = spawn_json(&sb);
+    wait_ready(&mut daemon, &sb);
+    wait_offered(&mut daemon, &signing);
+
+    sb.cli(&["rotate", "--now"]).ok();
+    let rows = keys(&sb.status_json(), "default");
+    let retired: Vec<Key> = ALGS
+        .iter()
+        .map(|alg| the(&rows, alg, "retired").clone())
+        .collect();
+    let waiting: Vec<Key> = ALGS
+        .iter()
+        .map(|alg| the(&rows, alg, "next").clone())
+        .collect();
+    let retired_at: BTreeMap<String, f64> = retired
+        .iter()
+        .map(|k| {
+            let at = k.retired_at.expect("retired_at");
+            assert!(
+                (k.remove_at.unwrap() - at - C3_GRACE).abs() < 0.01,
+                "remove_at = retired_at + retire_grace: {k:?}"
+            );
+            (k.kid.clone(), at)
+        })
+        .collect();
+    let retired_kids = kid_set(&retired);
+    daemon.until("the daemon to serve the rotation", LONG, || {
+        let served = served_kids(&jwks_url(&sb, "default"))?;
+        let all = retired_kids.union(&kid_set(&waiting)).cloned().collect();
+        served.is_superset(&all).then_some(()).ok_or(format!("{served:?}"))
+    });
+
+    // token_ttl raised: remove_at grows to retired_at + the new grace.
+    reload(&mut daemon, &sb, &block(&sb, "default", C3_RAISED));
+    daemon.until("remove_at to grow with retire_grace", LONG, || {
+        let rows = keys(&sb.status_json(), "default");
+        for key in &retired {
+            let row = rows.iter().find(|r| r.kid == key.kid).ok_or("a retired key vanished")?;
+            let want = retired_at[&key.kid] + C3_RAISED_GRACE;
+            let have = row.remove_at.unwrap();
+            if (have - want).abs() > 0.01 {
+                return Err(format!("{}: remove_at {have}, want {want}", key.kid));
+            }
+        }
+        Ok(())
+    });
+
+    // Both lowered: remove_at stays, and the waiting next key keeps the
+    // lead it was published under.
+    let lowered = reload(&mut daemon, &sb, &block(&sb, "default", C3_LOWERED));
+    reconciled_after(&mut daemon, &sb, "default", lowered);
+    let rows = keys(&sb.status_json(), "default");
+    for key in &retired {
+        let row = rows.iter().find(|r| r.kid == key.kid).expect("still retired");
+        let want = retired_at[&key.kid] + C3_RAISED_GRACE;
+        assert!(
+            (row.remove_at.unwrap() - want).abs() < 0.01,
+            "remove_at shrank: {row:?}, want {want}"
+        );
+    }
+    let latest_ready = waiting
+        .iter()
+        .map(|k| k.published_at.unwrap() + C3_LEAD)
+        .fold(0.0, f64::max);
+    assert!(
+        now_unix() < latest_ready - 1.0,
+        "the machine is too slow for this test: the longer lead already passed"
+    );
+    // `rotate` activates as soon as safe: that is the longer lead.
+    sb.cli(&["rotate"]).ok();
+    let status = sb.status_json();
+    for slot in keyset_status(&status, "default")["slots"].as_array().unwrap() {
+        let alg = slot["alg"].as_str().unwrap();
+        let next = waiting.iter().find(|k| k.alg == alg).unwrap();
+        let at = instant(&slot["next_rotation"]).expect("a rotation is due");
+        let want = next.published_at.unwrap() + C3_LEAD;
+        assert!(
+            (at - want).abs() < 0.01,
+            "{alg}: next rotation at {at}, want published_at + the longer lead = {want}: {slot}"
+        );
+    }
+    let rows = keys(&status, "default");
+    for key in &waiting {
+        assert_eq!(
+            rows.iter().find(|r| r.kid == key.kid).map(|r| r.state.as_str()),
+            Some("next"),
+            "{} still waits",
+            key.kid
+        );
+    }
+    daemon.until("the waiting keys to be offered", LONG, || {
+        let offered = Offered::read(&signing);
+        let now = now_unix();
+        for key in &waiting {
+            if offered.all_kids().contains(&(key.alg.clone(), key.kid.clone())) {
+                let ready = key.published_at.unwrap() + C3_LEAD;
+                assert!(
+                    now >= ready,
+                    "{} offered at {now}, before published_at + the longer lead ({ready})",
+                    key.kid
+                );
+            }
+        }
+        let all = waiting
+            .iter()
+            .all(|k| offered.kids.get(&k.alg) == Some(&k.kid));
+        all.then_some(()).ok_or(format!("{offered:?}"))
+    });
+    let rows = daemon.until("the store to record the activations", LONG, || {
+        let rows = keys(&sb.status_json(), "default");
+        let done = waiting
+            .iter()
+            .all(|k| rows.iter().any(|r| r.kid == k.kid && r.state == "active"));
+        done.then_some(rows.clone()).ok_or(format!("{rows:?}"))
+    });
+    for key in &waiting {
+        let row = rows.iter().find(|r| r.kid == key.kid).unwrap();
+        let waited = row.activated_at.unwrap() - key.published_at.unwrap();
+        assert!(waited >= C3_LEAD, "{}: activated after {waited} s", key.kid);
+    }
+
+    // Past the old (and the lowered) grace the retired keys are still
+    // published: their remove_at is the grown one.
+    let short_end = retired_at.values().fold(0.0, |a: f64, b| a.max(*b)) + C3_GRACE;
+    daemon.until("the shorter grace to pass", LONG, || {
+        let now = now_unix();
+        (now > short_end + SLACK)
+            .then_some(())
+            .ok_or(format!("{:.1} s to go", short_end + SLACK - now))
+    });
+    let served = served_kids(&jwks_url(&sb, "default")).unwrap();
+    assert!(
+        served.is_superset(&retired_kids),
+        "retired keys removed before their grown remove_at: {served:?}"
+    );
+    daemon.stop_cleanly("TERM");
+}
+
+// ---- C4: revoke of an active key whose next key is young ----------------------
+
+/// C4: revoking the active key when its next key is younger than
+/// publish_lead succeeds, activates the next key at once (it is already in
+/// every JWKS), and warns like `rotate --now`.
+#[test]
+fn c4_revoking_the_active_key_before_publish_lead_promotes_the_next_key_with_a_warning() {
+    // publish_lead = 30 s + 2 s: the next key is far younger than that.
+    let timings = r#"rotate_every = "1h"
+token_ttl = "5s"
+jwks_cache_ttl = "2s"
+verifier_cache_ttl = "30s"
+propagation = "2s"
+clock_skew = "1s"
+"#;
+    let sb = Sandbox::new();
+    let signing = signing_path(&sb, "default");
+    sb.write_config(&block(&sb, "default", timings));
+    let mut daemon = spawn_json(&sb);
+    wait_ready(&mut daemon, &sb);
+    wait_offered(&mut daemon, &signing);
+    let rows = keys(&sb.status_json(), "default");
+    let active = the(&rows, "ES256", "active").clone();
+    let next = the(&rows, "ES256", "next").clone();
+    let rs256 = the(&rows, "RS256", "active").clone();
+
+    let revoked_at = now_unix();
+    assert!(revoked_at < next.published_at.unwrap() + 32.0, "the next key is young");
+    let out = sb.cli(&["revoke", "default", &active.kid]).ok();
+    out.stderr_has(&["warning", "verifier_cache_ttl"]);
+
+    let rows = keys(&sb.status_json(), "default");
+    assert!(
+        rows.iter().all(|r| r.kid != active.kid),
+        "the revoked key is gone from the store: {rows:?}"
+    );
+    let promoted = the(&rows, "ES256", "active");
+    assert_eq!(promoted.kid, next.kid, "the next key is active at once");
+    assert!(promoted.activated_at.unwrap() >= revoked_at - 0.01);
+    let replacement = the(&rows, "ES256", "next");
+    assert!(![&active.kid, &next.kid].contains(&&replacement.kid), "a new next key");
+    assert_eq!(the(&rows, "RS256", "active").kid, rs256.kid, "RS256 untouched");
+
+    // The daemon follows within propagation: the revoked key leaves the
+    // JWKS and signers get the promoted key.
+    let followed = daemon.until("the daemon to follow the revoke", LONG, || {
+        let served = served_kids(&jwks_url(&sb, "default"))?;
+        let offered = Offered::read(&signing);
+        let done = !served.contains(&active.kid)
+            && served.contains(&next.kid)
+            && served.contains(&replacement.kid)
+            && offered.kids.get("ES256") == Some(&next.kid)
+            && offered.json_kids.get("ES256") == Some(&next.kid);
+        done.then(now_unix).ok_or(format!("{served:?} {offered:?}"))
+    });
+    assert!(
+        followed - revoked_at <= PROPAGATION + SLACK + 1.0,
+        "followed {:.2} s after the revoke",
+        followed - revoked_at
+    );
+    let key = read_signer(&signing, "ES256").unwrap();
+    let (jwt, _) = token(&key, TOKEN_TTL);
+    verify(&jwt, &get_ok(&jwks_url(&sb, "default")).unwrap().body)
+        .expect("a token of the promoted key verifies");
+    daemon.stop_cleanly("TERM");
 }
