@@ -133,7 +133,12 @@ impl Offered {
         let json_kids = json
             .iter()
             .flatten()
-            .map(|k| (str_member(k, "alg").to_string(), str_member(k, "kid").to_string()))
+            .map(|k| {
+                (
+                    str_member(k, "alg").to_string(),
+                    str_member(k, "kid").to_string(),
+                )
+            })
             .collect();
         Offered {
             kids,
@@ -290,7 +295,11 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
         wait_offered(&mut daemon, &signing_path(&sb, name));
         let kids = served_kids(&jwks_url(&sb, name)).expect("the JWKS before removal");
         assert_eq!(kids.len(), 4, "active and next per algorithm: {kids:?}");
-        assert_eq!(file_kids(&jwks_path(&sb, name)), kids, "jwks_file of {name}");
+        assert_eq!(
+            file_kids(&jwks_path(&sb, name)),
+            kids,
+            "jwks_file of {name}"
+        );
         before.insert(name, kids);
         // Tokens made just before the removal, living as long as allowed.
         for key in signer_keys(&signing_path(&sb, name)) {
@@ -298,11 +307,7 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
         }
     }
 
-    let removed_at = reload(
-        &mut daemon,
-        &sb,
-        &block(&sb, "default", STEADY),
-    );
+    let removed_at = reload(&mut daemon, &sb, &block(&sb, "default", STEADY));
     // Within propagation no signer is offered a key of the removed keysets.
     for name in ["gone", "back"] {
         let dir = signing_path(&sb, name);
@@ -343,17 +348,16 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
 
     // Every token signed before the removal verifies until it expires,
     // against the HTTP JWKS and against jwks_file.
-    let last_exp = tokens
-        .iter()
-        .map(|(_, (_, exp))| *exp)
-        .fold(0.0, f64::max);
+    let last_exp = tokens.iter().map(|(_, (_, exp))| *exp).fold(0.0, f64::max);
     let mut checks = 0;
     while now_unix() < last_exp - 0.3 {
         for (name, (jwt, exp)) in &tokens {
             if now_unix() >= *exp - 0.3 {
                 continue;
             }
-            let body = get_ok(&jwks_url(&sb, name)).expect("the removed keyset JWKS").body;
+            let body = get_ok(&jwks_url(&sb, name))
+                .expect("the removed keyset JWKS")
+                .body;
             verify(jwt, &body).unwrap_or_else(|e| panic!("{name} (HTTP): {e}"));
             let file = fs::read(jwks_path(&sb, name)).expect("jwks_file");
             verify(jwt, &file).unwrap_or_else(|e| panic!("{name} (jwks_file): {e}"));
@@ -451,7 +455,10 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
     // activation may land a moment later.
     let rows = daemon.until("the store to record back's activations", LONG, || {
         let rows = keys(&sb.status_json(), "back");
-        if ALGS.iter().all(|alg| in_state(&rows, alg, "active").len() == 1) {
+        if ALGS
+            .iter()
+            .all(|alg| in_state(&rows, alg, "active").len() == 1)
+        {
             Ok(rows)
         } else {
             Err(format!("{rows:?}"))
@@ -461,7 +468,10 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
         let active = the(&rows, alg, "active");
         assert_eq!(active.kid, key.kid);
         let lead = active.activated_at.expect("activated_at") - key.published_at.unwrap();
-        assert!(lead >= PUBLISH_LEAD as f64, "{alg}: active {lead} s after publication");
+        assert!(
+            lead >= PUBLISH_LEAD as f64,
+            "{alg}: active {lead} s after publication"
+        );
     }
     assert!(activated < last_remove_at["back"] + 30.0);
 
@@ -566,7 +576,10 @@ fn lost_document(restart: bool) {
         }
     });
     let detected = instant(&keyset_status(&status, "default")["document_lost_at"]).unwrap();
-    assert!(detected >= lost_at - 0.01, "detected at {detected}, lost at {lost_at}");
+    assert!(
+        detected >= lost_at - 0.01,
+        "detected at {detected}, lost at {lost_at}"
+    );
     let location = document.display().to_string();
     let errors: Vec<Value> = log_lines(&log)
         .into_iter()
@@ -630,7 +643,10 @@ fn lost_document(restart: bool) {
             .then_some(())
             .ok_or(format!("{served:?}, want {wanted:?}"))
     });
-    assert!(served.is_superset(&old), "old keys served all along: {served:?}");
+    assert!(
+        served.is_superset(&old),
+        "old keys served all along: {served:?}"
+    );
     for (jwt, exp) in &tokens {
         if now_unix() < exp - 0.3 {
             let body = get_ok(&jwks_url(&sb, "default")).unwrap().body;
@@ -660,7 +676,10 @@ fn lost_document(restart: bool) {
     let status = daemon.until("the store to record the activations", LONG, || {
         let status = sb.status_json();
         let rows = keys(&status, "default");
-        if ALGS.iter().all(|alg| in_state(&rows, alg, "active").len() == 1) {
+        if ALGS
+            .iter()
+            .all(|alg| in_state(&rows, alg, "active").len() == 1)
+        {
             Ok(status)
         } else {
             Err(format!("{rows:?}"))
@@ -671,7 +690,10 @@ fn lost_document(restart: bool) {
         let active = the(&rows, alg, "active");
         assert_eq!(active.kid, key.kid, "{alg}");
         let waited = active.activated_at.unwrap() - key.published_at.unwrap();
-        assert!(waited >= PUBLISH_LEAD as f64, "{alg}: active after {waited} s");
+        assert!(
+            waited >= PUBLISH_LEAD as f64,
+            "{alg}: active after {waited} s"
+        );
     }
     assert!(
         keyset_status(&status, "default")["document_lost_at"].is_string(),
@@ -689,7 +711,10 @@ fn lost_document(restart: bool) {
         let asked = now_unix();
         let served = served_kids(&jwks_url(&sb, "default"))?;
         if served.is_disjoint(&old) {
-            assert!(asked >= remove_at, "old keys dropped at {asked}, remove_at {remove_at}");
+            assert!(
+                asked >= remove_at,
+                "old keys dropped at {asked}, remove_at {remove_at}"
+            );
             Ok(())
         } else {
             Err(format!("{served:?}"))
@@ -804,7 +829,10 @@ fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
     daemon.until("the daemon to serve the rotation", LONG, || {
         let served = served_kids(&jwks_url(&sb, "default"))?;
         let all = retired_kids.union(&kid_set(&waiting)).cloned().collect();
-        served.is_superset(&all).then_some(()).ok_or(format!("{served:?}"))
+        served
+            .is_superset(&all)
+            .then_some(())
+            .ok_or(format!("{served:?}"))
     });
 
     // token_ttl raised: remove_at grows to retired_at + the new grace.
@@ -812,7 +840,10 @@ fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
     daemon.until("remove_at to grow with retire_grace", LONG, || {
         let rows = keys(&sb.status_json(), "default");
         for key in &retired {
-            let row = rows.iter().find(|r| r.kid == key.kid).ok_or("a retired key vanished")?;
+            let row = rows
+                .iter()
+                .find(|r| r.kid == key.kid)
+                .ok_or("a retired key vanished")?;
             let want = retired_at[&key.kid] + C3_RAISED_GRACE;
             let have = row.remove_at.unwrap();
             if (have - want).abs() > 0.01 {
@@ -828,7 +859,10 @@ fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
     reconciled_after(&mut daemon, &sb, "default", lowered);
     let rows = keys(&sb.status_json(), "default");
     for key in &retired {
-        let row = rows.iter().find(|r| r.kid == key.kid).expect("still retired");
+        let row = rows
+            .iter()
+            .find(|r| r.kid == key.kid)
+            .expect("still retired");
         let want = retired_at[&key.kid] + C3_RAISED_GRACE;
         assert!(
             (row.remove_at.unwrap() - want).abs() < 0.01,
@@ -846,7 +880,10 @@ fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
     // `rotate` activates as soon as safe: that is the longer lead.
     sb.cli(&["rotate"]).ok();
     let status = sb.status_json();
-    for slot in keyset_status(&status, "default")["slots"].as_array().unwrap() {
+    for slot in keyset_status(&status, "default")["slots"]
+        .as_array()
+        .unwrap()
+    {
         let alg = slot["alg"].as_str().unwrap();
         let next = waiting.iter().find(|k| k.alg == alg).unwrap();
         let at = instant(&slot["next_rotation"]).expect("a rotation is due");
@@ -859,7 +896,9 @@ fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
     let rows = keys(&status, "default");
     for key in &waiting {
         assert_eq!(
-            rows.iter().find(|r| r.kid == key.kid).map(|r| r.state.as_str()),
+            rows.iter()
+                .find(|r| r.kid == key.kid)
+                .map(|r| r.state.as_str()),
             Some("next"),
             "{} still waits",
             key.kid
@@ -869,7 +908,10 @@ fn c3_timing_changes_never_shorten_a_grace_or_a_lead() {
         let offered = Offered::read(&signing);
         let now = now_unix();
         for key in &waiting {
-            if offered.all_kids().contains(&(key.alg.clone(), key.kid.clone())) {
+            if offered
+                .all_kids()
+                .contains(&(key.alg.clone(), key.kid.clone()))
+            {
                 let ready = key.published_at.unwrap() + C3_LEAD;
                 assert!(
                     now >= ready,
@@ -940,7 +982,10 @@ clock_skew = "1s"
     let rs256 = the(&rows, "RS256", "active").clone();
 
     let revoked_at = now_unix();
-    assert!(revoked_at < next.published_at.unwrap() + 32.0, "the next key is young");
+    assert!(
+        revoked_at < next.published_at.unwrap() + 32.0,
+        "the next key is young"
+    );
     let out = sb.cli(&["revoke", "default", &active.kid]).ok();
     out.stderr_has(&["warning", "verifier_cache_ttl"]);
 
@@ -953,8 +998,15 @@ clock_skew = "1s"
     assert_eq!(promoted.kid, next.kid, "the next key is active at once");
     assert!(promoted.activated_at.unwrap() >= revoked_at - 0.01);
     let replacement = the(&rows, "ES256", "next");
-    assert!(![&active.kid, &next.kid].contains(&&replacement.kid), "a new next key");
-    assert_eq!(the(&rows, "RS256", "active").kid, rs256.kid, "RS256 untouched");
+    assert!(
+        ![&active.kid, &next.kid].contains(&&replacement.kid),
+        "a new next key"
+    );
+    assert_eq!(
+        the(&rows, "RS256", "active").kid,
+        rs256.kid,
+        "RS256 untouched"
+    );
 
     // The daemon follows within propagation: the revoked key leaves the
     // JWKS and signers get the promoted key.
@@ -1034,7 +1086,9 @@ impl Partition {
                     (client.try_clone(), server.try_clone()),
                     (server.try_clone(), client.try_clone()),
                 ] {
-                    let (Ok(from), Ok(to)) = (from, to) else { continue };
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
                     let shared = shared.clone();
                     thread::spawn(move || pump(from, to, generation, &shared));
                 }
@@ -1235,7 +1289,9 @@ fn cut_off_replica(check_removal: bool) {
     let before: BTreeSet<String> = active.values().chain(next.values()).cloned().collect();
     dc.until("C to serve the next keys", LONG, || {
         let served = served_kids(&jwks_url(&c, "default"))?;
-        (served == before).then_some(()).ok_or(format!("{served:?}"))
+        (served == before)
+            .then_some(())
+            .ok_or(format!("{served:?}"))
     });
     let errors_before = errors_counted(&c);
 
@@ -1300,17 +1356,28 @@ fn cut_off_replica(check_removal: bool) {
     // The others rotated in the store: C's switch was to the same key.
     let rows = keys(&a.status_json(), "default");
     for alg in ALGS {
-        assert_eq!(the(&rows, alg, "active").kid, next[alg], "{alg} in the store");
+        assert_eq!(
+            the(&rows, alg, "active").kid,
+            next[alg],
+            "{alg} in the store"
+        );
     }
     let a_offered = Offered::read(&signing_path(&a, "default"));
     assert_eq!(a_offered.kids, next, "A offers the rotated keys");
 
     // Failed closed: no key offered, the last JWKS still served, errors
     // counted, and the log says why.
-    dc.until("C's signing_dir to be emptied", Duration::from_secs(5), || {
-        let offered = Offered::read(&c_signing);
-        offered.is_empty().then_some(()).ok_or(format!("{offered:?}"))
-    });
+    dc.until(
+        "C's signing_dir to be emptied",
+        Duration::from_secs(5),
+        || {
+            let offered = Offered::read(&c_signing);
+            offered
+                .is_empty()
+                .then_some(())
+                .ok_or(format!("{offered:?}"))
+        },
+    );
     let reply = get_ok(&jwks_url(&c, "default")).expect("C still serves its JWKS");
     assert_eq!(reply.body, last_body, "the last JWKS, unchanged");
     let c_kids: BTreeSet<String> = jwks_kids(&reply.body).into_iter().collect();
@@ -1359,7 +1426,10 @@ fn cut_off_replica(check_removal: bool) {
     // C never made a key: everything it served is in the store's record.
     let stored = stored_kids_ever(&endpoint, &format!("{prefix}default"));
     let strangers: Vec<&String> = served_by_c.difference(&stored).collect();
-    assert!(strangers.is_empty(), "C served kids the store never held: {strangers:?}");
+    assert!(
+        strangers.is_empty(),
+        "C served kids the store never held: {strangers:?}"
+    );
     eprintln!(
         "C5: cut {:.1} s before the rotation, switched {:?}, failed closed {:.1} s after the cut, recovered {recovered:.1} s after the link came back",
         rotation_at - cut_at,
@@ -1390,15 +1460,226 @@ fn drops_at_remove_at(
         .fold(f64::MAX, f64::min);
     let retired: BTreeSet<String> = active.values().cloned().collect();
     let deadline = (remove_at - now_unix()).max(0.0) + PROPAGATION + SLACK + 2.0;
-    dc.until("C to drop the retired keys", Duration::from_secs_f64(deadline), || {
-        let asked = now_unix();
-        let served = served_kids(&jwks_url(c, "default"))?;
-        served_by_c.extend(served.iter().cloned());
-        if served.is_disjoint(&retired) {
-            assert!(asked >= remove_at, "dropped at {asked}, remove_at {remove_at}");
-            Ok(())
-        } else {
-            Err(format!("{served:?}"))
+    dc.until(
+        "C to drop the retired keys",
+        Duration::from_secs_f64(deadline),
+        || {
+            let asked = now_unix();
+            let served = served_kids(&jwks_url(c, "default"))?;
+            served_by_c.extend(served.iter().cloned());
+            if served.is_disjoint(&retired) {
+                assert!(
+                    asked >= remove_at,
+                    "dropped at {asked}, remove_at {remove_at}"
+                );
+                Ok(())
+            } else {
+                Err(format!("{served:?}"))
+            }
+        },
+    );
+}
+
+// ---- C6: a replica whose clock is behind --------------------------------------
+
+/// libfaketime, as the `faketime` wrapper preloads it: `None` (with a note)
+/// when the Debian package `faketime` is not installed. The wrapper forks,
+/// so the daemon is run with the library preloaded directly: its pid is
+/// then keyroll's own, for signals and for killing it on drop.
+fn libfaketime() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("faketime").is_file()))
+        .unwrap_or(false);
+    let library = ["/usr/lib", "/usr/local/lib", "/usr/lib64"]
+        .iter()
+        .flat_map(|root| {
+            let arch_dirs = fs::read_dir(root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path().join("faketime"));
+            std::iter::once(Path::new(root).join("faketime")).chain(arch_dirs)
+        })
+        .map(|dir| dir.join("libfaketimeMT.so.1"))
+        .find(|lib| lib.is_file());
+    match (on_path, library) {
+        (true, Some(library)) => Some(library),
+        _ => {
+            eprintln!(
+                "skipped: faketime is not installed (Debian package `faketime`; scripts/test installs it)"
+            );
+            None
         }
+    }
+}
+
+/// `cmd` with its wall clock shifted by `offset` (faketime's `-f` format,
+/// e.g. `-10m`); monotonic time and file times stay real.
+fn faked(mut cmd: Command, library: &Path, offset: &str) -> Command {
+    cmd.env("LD_PRELOAD", library)
+        .env("FAKETIME", offset)
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .env("NO_FAKE_STAT", "1");
+    cmd
+}
+
+fn faked_cli(sb: &Sandbox, library: &Path, offset: &str, args: &[&str]) -> Out {
+    let mut cmd = faked(sb.command(), library, offset);
+    cmd.arg("--config").arg(sb.config_path()).args(args);
+    run_to_end(
+        cmd,
+        sb.root(),
+        format!("(faketime {offset}) keyroll {}", args.join(" ")),
+    )
+}
+
+/// A sandbox whose config uses the file store in `store` (shared).
+fn sharing(store: &Path, timings: &str) -> Sandbox {
+    let sb = Sandbox::new();
+    let head = sb.head().replace(
+        &format!("dir = '{}'", sb.store_dir().display()),
+        &format!("dir = '{}'", store.display()),
+    );
+    assert!(head.contains(&store.display().to_string()));
+    fs::write(
+        sb.config_path(),
+        format!("{head}{}", block(&sb, "default", timings)),
+    )
+    .expect("write the config");
+    sb
+}
+
+/// C6: a replica whose clock is 10 minutes behind the document reports
+/// the offset (status --json, a WARN in its log) and removes nothing, even
+/// a retired key whose remove_at has passed by its own clock; a replica
+/// with a correct clock then removes that key at once, so holding it back
+/// was the clock rule's doing.
+#[test]
+fn c6_a_replica_whose_clock_is_behind_reports_it_and_removes_nothing() {
+    let Some(library) = libfaketime() else {
+        return;
+    };
+    let normal = Sandbox::new();
+    normal.write_config(&block(&normal, "default", STEADY));
+    let behind = sharing(&normal.store_dir(), STEADY);
+
+    let started = now_unix();
+    let mut right = spawn_json(&normal);
+    wait_ready(&mut right, &normal);
+    let mut cmd = faked(behind.command(), &library, "-10m");
+    cmd.args(["--log-format", "json", "--config"])
+        .arg(behind.config_path())
+        .arg("run");
+    let mut late = Daemon::start(cmd, behind.root());
+    wait_ready(&mut late, &behind);
+    late.until("both replicas to serve the same JWKS", LONG, || {
+        let (a, b) = (
+            get_ok(&jwks_url(&normal, "default"))?.body,
+            get_ok(&jwks_url(&behind, "default"))?.body,
+        );
+        (a == b).then_some(()).ok_or("different".to_string())
     });
+
+    // The offset is reported: status --json from the late clock, and a WARN.
+    let out = faked_cli(&behind, &library, "-10m", &["status", "--json"]).ok();
+    let status: Value = serde_json::from_str(&out.stdout).expect("status --json");
+    let offset = keyset_status(&status, "default")["clock_behind_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no clock_behind_seconds: {status}"));
+    let elapsed = now_unix() - started;
+    assert!(
+        offset <= 600.5 && offset >= 600.0 - elapsed - 1.0,
+        "clock_behind_seconds {offset}, expected about 600 (the document is {elapsed:.1} s old at most)"
+    );
+    assert_eq!(
+        keyset_status(&normal.status_json(), "default")["clock_behind_seconds"],
+        Value::Null,
+        "a correct clock reports no offset"
+    );
+    let late_log = late.log_path();
+    late.until("a WARN about the clock", LONG, || {
+        let warned = log_lines(&late_log).iter().any(|l| {
+            l["level"] == "WARN"
+                && l["keyset"] == "default"
+                && l["message"].as_str().is_some_and(|m| m.contains("clock"))
+        });
+        warned.then_some(()).ok_or("no WARN yet".to_string())
+    });
+
+    // Only the late replica runs now. A writer 20 minutes behind retires
+    // the active keys: their remove_at passed long ago in real time and
+    // ten minutes ago by the late replica's clock, while the document still
+    // holds timestamps ten minutes ahead of that clock.
+    right.stop_cleanly("TERM");
+    faked_cli(&behind, &library, "-20m", &["rotate", "--now"]).ok();
+    let rows = keys(&normal.status_json(), "default");
+    let retired: Vec<Key> = ALGS
+        .iter()
+        .map(|alg| the(&rows, alg, "retired").clone())
+        .collect();
+    for key in &retired {
+        assert!(
+            key.remove_at.unwrap() < now_unix() - 600.0,
+            "the test needs a key due by the late clock too: {key:?}"
+        );
+    }
+    let retired_kids = kid_set(&retired);
+    let replacements: BTreeSet<String> = ALGS
+        .iter()
+        .map(|alg| the(&rows, alg, "next").kid.clone())
+        .collect();
+    late.until("the late replica to load the rotation", LONG, || {
+        let served = served_kids(&jwks_url(&behind, "default"))?;
+        served
+            .is_superset(&replacements)
+            .then_some(())
+            .ok_or(format!("{served:?}"))
+    });
+    // Three more reconciles of the late replica (its own clock's seconds).
+    let mut seen = BTreeSet::new();
+    late.until("three more reconciles", LONG, || {
+        let last = metric(
+            &metrics_text(&behind),
+            "keyroll_last_reconcile_success_timestamp_seconds",
+            &[("keyset", "default")],
+        )
+        .ok_or("no last-success metric")?;
+        seen.insert(last as i64);
+        (seen.len() > 3).then_some(()).ok_or(format!("{seen:?}"))
+    });
+    let doc = store_doc(&normal, "default");
+    let stored: BTreeSet<String> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        stored.is_superset(&retired_kids),
+        "the late replica removed a key: {doc}\n{}",
+        tail(&late.stderr())
+    );
+    let served = served_kids(&jwks_url(&behind, "default")).unwrap();
+    assert!(
+        served.is_superset(&retired_kids),
+        "the late replica dropped a key from its JWKS: {served:?}"
+    );
+    late.stop_cleanly("TERM");
+
+    // Control: a replica with a correct clock removes them at once.
+    let mut right = spawn_json(&normal);
+    right.until("the correct clock to remove the due keys", LONG, || {
+        let doc = store_doc(&normal, "default");
+        let stored: BTreeSet<String> = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect();
+        stored
+            .is_disjoint(&retired_kids)
+            .then_some(())
+            .ok_or(format!("{stored:?}"))
+    });
+    right.stop_cleanly("TERM");
 }
