@@ -325,11 +325,25 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
             emptied - removed_at
         );
     }
-    // The removed keysets' keys are all retired now, with remove_at after
-    // retire_grace; the stored document still has them.
+    // The removed keysets' keys are all retired, with remove_at after
+    // retire_grace; the stored document still has them. (Signers are cut
+    // off first; the store records the retirement a moment later.)
     let mut last_remove_at: BTreeMap<&str, f64> = BTreeMap::new();
     for name in ["gone", "back"] {
-        let doc = store_doc(&sb, name);
+        let doc = daemon.until(&format!("the store to retire {name}'s keys"), LONG, || {
+            let doc = store_doc(&sb, name);
+            let states: Vec<&Value> = doc["keys"]
+                .as_array()
+                .expect("keys")
+                .iter()
+                .map(|k| &k["state"])
+                .collect();
+            states
+                .iter()
+                .all(|state| *state == "retired")
+                .then_some(doc.clone())
+                .ok_or(format!("{states:?}"))
+        });
         let stored = doc["keys"].as_array().expect("keys");
         assert_eq!(stored.len(), 4, "{name}: {doc}");
         let mut latest = 0.0f64;
@@ -1271,11 +1285,36 @@ fn cut_off_replica(check_removal: bool) {
     // Cut C off 2.5 s before a scheduled rotation, once it serves the keys
     // that rotation activates (the first rotation, unless the replicas took
     // too long to start).
+    let give_up = now_unix() + LONG.as_secs_f64();
     let (rotation_at, active, next, errors_before, cut_at) = loop {
+        assert!(
+            now_unix() < give_up,
+            "found no rotation to cut C off before"
+        );
         let status = a.status_json();
-        let at = instant(&keyset_status(&status, "default")["next_rotation"])
-            .expect("a scheduled rotation");
         let rows = keys(&status, "default");
+        // When the store's keys say the next rotation is: the active key's
+        // activation plus the period, not before publish_lead. (Read from
+        // the store, not from a plan of a rotation not yet committed.)
+        let at = ALGS
+            .iter()
+            .map(|alg| {
+                let due = the(&rows, alg, "active").activated_at.unwrap() + ROTATE_EVERY as f64;
+                let ready = the(&rows, alg, "next").published_at.unwrap() + PUBLISH_LEAD as f64;
+                due.max(ready)
+            })
+            .fold(f64::MAX, f64::min);
+        if at <= now_unix() {
+            // Due, but not committed yet: look again.
+            thread::sleep(POLL);
+            continue;
+        }
+        let shown = instant(&keyset_status(&status, "default")["next_rotation"])
+            .expect("a scheduled rotation");
+        assert!(
+            (shown - at).abs() < 0.01,
+            "status shows the next rotation at {shown}, the keys say {at}: {status}"
+        );
         let active: BTreeMap<String, String> = ALGS
             .iter()
             .map(|alg| (alg.to_string(), the(&rows, alg, "active").kid.clone()))
@@ -1299,7 +1338,14 @@ fn cut_off_replica(check_removal: bool) {
         }
         at_instant(at - 2.5);
         partition.cut();
-        break (at, active, next, errors_before, now_unix());
+        let cut_at = now_unix();
+        if cut_at > at - 1.5 {
+            // Too late (a loaded machine): C may have loaded the rotation.
+            partition.restore();
+            at_instant(at + 1.0);
+            continue;
+        }
+        break (at, active, next, errors_before, cut_at);
     };
 
     // Cut off: C keeps serving, and at the scheduled instant activates the
