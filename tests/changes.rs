@@ -570,16 +570,14 @@ fn lost_document(restart: bool) {
         .collect();
 
     let document = sb.store_file("default");
-    let lost_at = if restart {
+    if restart {
         daemon.stop_cleanly("TERM");
-        fs::remove_file(&document).expect("delete the stored document");
-        let lost_at = now_unix();
+    }
+    let lost_at = now_unix();
+    fs::remove_file(&document).expect("delete the stored document");
+    if restart {
         daemon = spawn_json(&sb);
-        lost_at
-    } else {
-        fs::remove_file(&document).expect("delete the stored document");
-        now_unix()
-    };
+    }
     let log = daemon.log_path();
     let status = daemon.until("status to show the lost document", LONG, || {
         let status = sb.status_json();
@@ -590,8 +588,10 @@ fn lost_document(restart: bool) {
         }
     });
     let detected = instant(&keyset_status(&status, "default")["document_lost_at"]).unwrap();
+    // A pass takes its `now` before it loads: a pass that started just
+    // before the deletion may date the detection that early.
     assert!(
-        detected >= lost_at - 0.01,
+        detected >= lost_at - 1.0,
         "detected at {detected}, lost at {lost_at}"
     );
     let location = document.display().to_string();
