@@ -1160,17 +1160,20 @@ fn pump(mut from: TcpStream, mut to: TcpStream, generation: u64, state: &Mutex<P
     }
 }
 
-/// Rotations every 10 s, publish_lead 4 s, retire_grace 8 s, and a replica
-/// fails closed 6 s after its last successful load.
-const C5_TIMINGS: &str = r#"rotate_every = "10s"
+/// Rotations every 12 s, publish_lead 4 s, retire_grace 8 s, and a replica
+/// fails closed 8 s after its last successful load (the most max_stale may
+/// be: the period less publish_lead). Cut off 2.5 s before a rotation, the
+/// replica then has about 4 s between the switch and failing closed.
+const C5_TIMINGS: &str = r#"rotate_every = "12s"
 token_ttl = "5s"
 jwks_cache_ttl = "2s"
 verifier_cache_ttl = "2s"
 propagation = "2s"
 clock_skew = "1s"
-max_stale = "6s"
+max_stale = "8s"
 "#;
-const MAX_STALE: f64 = 6.0;
+const C5_PERIOD: f64 = 12.0;
+const MAX_STALE: f64 = 8.0;
 
 /// A replica's sandbox on the AWS store at `endpoint` (the emulator, or
 /// the partition in front of it).
@@ -1299,7 +1302,7 @@ fn cut_off_replica(check_removal: bool) {
         let at = ALGS
             .iter()
             .map(|alg| {
-                let due = the(&rows, alg, "active").activated_at.unwrap() + ROTATE_EVERY as f64;
+                let due = the(&rows, alg, "active").activated_at.unwrap() + C5_PERIOD;
                 let ready = the(&rows, alg, "next").published_at.unwrap() + PUBLISH_LEAD as f64;
                 due.max(ready)
             })
@@ -1353,6 +1356,8 @@ fn cut_off_replica(check_removal: bool) {
     let mut served_by_c: BTreeSet<String> = BTreeSet::new();
     let mut switched_at: BTreeMap<String, f64> = BTreeMap::new();
     let mut last_body = Vec::new();
+    // (time, /readyz, what signing_dir offered), shown if an assertion fails.
+    let mut trace: Vec<(f64, u16, BTreeMap<String, String>)> = Vec::new();
     let failed_at = dc.until("C to fail closed", LONG, || {
         let reply = get_ok(&jwks_url(&c, "default"))
             .unwrap_or_else(|e| panic!("C stopped serving its JWKS while cut off: {e}"));
@@ -1362,6 +1367,7 @@ fn cut_off_replica(check_removal: bool) {
         let ready = readyz(&c);
         let offered = Offered::read(&c_signing);
         let read_at = now_unix();
+        trace.push((read_at - rotation_at, ready, offered.kids.clone()));
         for (alg, kid) in offered.all_kids() {
             if kid == next[&alg] {
                 assert!(
@@ -1380,9 +1386,13 @@ fn cut_off_replica(check_removal: bool) {
         }
     });
     for alg in ALGS {
-        let at = switched_at
-            .get(alg)
-            .unwrap_or_else(|| panic!("{alg}: C never offered the next key before failing closed"));
+        let at = switched_at.get(alg).unwrap_or_else(|| {
+            panic!(
+                "{alg}: C never offered the next key before failing closed; samples \
+                     (seconds after the rotation, /readyz, offered): {trace:?}\n{}",
+                tail(&dc.stderr())
+            )
+        });
         assert!(
             at - rotation_at <= PROPAGATION + SLACK,
             "{alg}: C switched {:.2} s after the scheduled instant",
