@@ -503,6 +503,10 @@ fn c1_a_removed_keyset_stops_signing_at_once_and_keeps_its_jwks_until_remove_at(
                 let kids: BTreeSet<String> = jwks_kids(&reply.body).into_iter().collect();
                 if answered < last {
                     assert_eq!(&kids, old_gone, "gone's JWKS before its last remove_at");
+                    let in_file = file_kids(&jwks_path(&sb, "gone"));
+                    if now_unix() < last {
+                        assert_eq!(&in_file, old_gone, "gone's jwks_file before remove_at");
+                    }
                 }
                 Err(format!("200 with {} keys", kids.len()))
             }
