@@ -386,6 +386,7 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), CliErro
         keys: Arc::new(CryptoKeys),
         clock: Arc::new(SystemClock),
         store: None,
+        published: Default::default(),
     };
     daemon::run(setup, termination())
         .await

@@ -13,7 +13,7 @@
 //! outputs on time without waiting for a hung store call, and fails closed
 //! after `max_stale`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,11 +64,14 @@ pub enum DaemonError {
 pub struct Setup {
     pub config: Config,
     /// Reads the config again on SIGHUP.
-    pub reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send>,
+    pub reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,
     pub keys: Arc<dyn KeyFactory>,
     pub clock: Arc<dyn Clock>,
     /// The store to use instead of the one the config names (tests).
     pub store: Option<Arc<dyn Store>>,
+    /// Public keys known to have been published, per keyset, besides what
+    /// `jwks_file` holds (SPEC C2); tests stand it in for a `jwks_file`.
+    pub published: HashMap<String, Vec<PublicJwk>>,
 }
 
 /// Why [`Daemon::sleep`] returned.
@@ -139,7 +142,9 @@ pub struct Daemon {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     served: ServedState,
-    reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send>,
+    reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,
+    /// Published keys handed in at start (see [`Setup::published`]).
+    published_before: HashMap<String, Vec<PublicJwk>>,
     /// Every keyset this process serves, configured or being retired.
     keysets: BTreeMap<String, KeysetRun>,
     /// Fingerprints taken before the last pass (see [`Daemon::sleep`]).
@@ -147,6 +152,8 @@ pub struct Daemon {
     /// The earliest wake-up the last pass asked for.
     wake: Instant,
     ready_sent: bool,
+    /// Whether the store was searched for retiring keysets (once a start).
+    adopted_retiring: bool,
     /// Milliseconds since `epoch` at which the running pass started; 0
     /// between passes. Read by the watchdog.
     busy_since: Arc<AtomicU64>,
@@ -205,9 +212,11 @@ impl Daemon {
             metrics: Arc::new(Metrics::new()),
             served: Arc::new(ArcSwap::from_pointee(Served::default())),
             reload: setup.reload,
+            published_before: setup.published,
             seen: Vec::new(),
             wake: Instant::now(),
             ready_sent: false,
+            adopted_retiring: false,
             busy_since: Arc::new(AtomicU64::new(0)),
             epoch: StdInstant::now(),
             stop_http,
@@ -348,8 +357,15 @@ impl Daemon {
                     run.removed = false;
                 }
                 None => {
-                    self.keysets
-                        .insert(policy.name.clone(), KeysetRun::new(policy.clone()));
+                    let mut run = KeysetRun::new(policy.clone());
+                    if run.published.is_empty() {
+                        run.published = self
+                            .published_before
+                            .get(&policy.name)
+                            .cloned()
+                            .unwrap_or_default();
+                    }
+                    self.keysets.insert(policy.name.clone(), run);
                 }
             }
         }
@@ -440,6 +456,9 @@ impl Daemon {
         self.seen = self.fingerprints().await;
         let started = self.epoch.elapsed().as_millis().max(1) as u64;
         self.busy_since.store(started, Ordering::Relaxed);
+        if !self.adopted_retiring {
+            self.adopted_retiring = self.adopt_retiring().await;
+        }
         let now = self.clock.now();
         // A scheduled switch never waits for the store: outputs follow the
         // last loaded plan first, then the store is asked (C5).
@@ -462,6 +481,49 @@ impl Daemon {
         self.forget_retired_routes();
         self.busy_since.store(0, Ordering::Relaxed);
         self.wake = self.next_wake();
+    }
+
+    /// SPEC C1 across restarts: a keyset removed from the config while an
+    /// earlier process ran keeps its JWKS until its last `remove_at`. Only
+    /// documents already retiring (no active or next key) are taken up, so
+    /// another deployment's keysets sharing the store are never touched.
+    /// Returns whether the store could be searched.
+    async fn adopt_retiring(&mut self) -> bool {
+        let Some(template) = self.config.keysets.first().cloned() else {
+            return true;
+        };
+        let names = match self.reconciler.store().keysets().await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the store yet; will try again");
+                return false;
+            }
+        };
+        for name in names {
+            if self.keysets.contains_key(&name) {
+                continue;
+            }
+            let Ok(snapshot) = self.reconciler.load(&name).await else {
+                continue;
+            };
+            let doc = &snapshot.doc;
+            let retiring = doc.keys.iter().all(|key| key.state == KeyState::Retired)
+                && (!doc.keys.is_empty() || !doc.orphans.is_empty());
+            if !retiring {
+                continue;
+            }
+            tracing::info!(keyset = %name, "keyset not in the config and still retiring: serving its JWKS until the last remove_at");
+            let policy = KeysetPolicy {
+                name: name.clone(),
+                jwks_file: None,
+                signing_dir: None,
+                ..template.retiring()
+            };
+            let mut run = KeysetRun::new(policy);
+            run.removed = true;
+            self.keysets.insert(name, run);
+        }
+        true
     }
 
     /// Every keyset's reconcile, side by side, each ending at its deadline:
@@ -506,7 +568,8 @@ impl Daemon {
         let Some(last_good) = &run.last_good else {
             return;
         };
-        let projected = Reconciler::project(last_good, &run.policy, now);
+        let loaded_at = run.last_load.unwrap_or(now);
+        let projected = Reconciler::project(last_good, &run.policy, loaded_at, now);
         if same_states(&projected.doc, &last_good.doc) {
             return;
         }
@@ -546,7 +609,8 @@ impl Daemon {
                     run.wake_at = Some(after(now, retry_in));
                     return;
                 };
-                let projected = Reconciler::project(last_good, &policy, now);
+                let loaded_at = run.last_load.unwrap_or(now);
+                let projected = Reconciler::project(last_good, &policy, loaded_at, now);
                 let plan_wake = crate::planner::plan(now, &projected.doc, &policy, None)
                     .ok()
                     .and_then(|plan| plan.wake_at);

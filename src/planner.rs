@@ -252,6 +252,14 @@ impl Planner<'_> {
         now_grace.map_or(stored, |grown| stored.max(grown))
     }
 
+    /// When a key kept from a lost document may go: grows with the grace
+    /// like a retired key's (C3).
+    fn orphan_remove_at(&self, orphan: &OrphanKey) -> Timestamp {
+        orphan
+            .remove_at
+            .max(after(orphan.retired_at, self.retire_grace()))
+    }
+
     /// C6: a stored timestamp further ahead than `clock_skew` means this
     /// clock (or a writer's) is wrong; this replica then removes nothing.
     fn check_clock(&mut self) {
@@ -631,7 +639,7 @@ impl Planner<'_> {
         for orphan in &self.doc.orphans {
             if !self.gone.contains(&orphan.kid) {
                 due.push((
-                    orphan.remove_at,
+                    self.orphan_remove_at(orphan),
                     Step::RemoveOrphan {
                         kid: orphan.kid.clone(),
                     },
@@ -660,6 +668,7 @@ impl Planner<'_> {
                 Step::Activate { kid, .. }
                 | Step::Retire { kid, .. }
                 | Step::Remove { kid }
+                | Step::RemoveOrphan { kid }
                 | Step::Revoke { kid, .. } => Some(kid.as_str()),
                 _ => None,
             })
@@ -693,6 +702,15 @@ impl Planner<'_> {
                     }
                 }
                 KeyState::Active => {}
+            }
+        }
+        for orphan in &self.doc.orphans {
+            let grown = self.orphan_remove_at(orphan);
+            if grown != orphan.remove_at && !changing.contains(orphan.kid.as_str()) {
+                upkeep.push(Step::ExtendRemoval {
+                    kid: orphan.kid.clone(),
+                    remove_at: grown,
+                });
             }
         }
         let real_change = !self.steps.is_empty() || !upkeep.is_empty();
@@ -819,6 +837,8 @@ pub fn apply<E>(
             Step::ExtendRemoval { kid, remove_at } => {
                 if let Some(key) = doc.keys.iter_mut().find(|k| &k.kid == kid) {
                     key.remove_at = key.remove_at.max(Some(*remove_at));
+                } else if let Some(orphan) = doc.orphans.iter_mut().find(|o| &o.kid == kid) {
+                    orphan.remove_at = orphan.remove_at.max(*remove_at);
                 }
             }
             Step::RecordReady { kid, ready_at } => {
@@ -860,29 +880,52 @@ pub fn apply<E>(
     Ok(records)
 }
 
-/// SPEC C5: what a replica cut off from the store publishes. It follows the
-/// plan it has, exactly as the others do: activates the pre-published
-/// `next` key at its instant, retires and removes keys on time. It never
-/// creates keys (only a saved document may hold new ones), so a slot keeps
-/// no `next` key once it has been promoted here.
-pub fn project(now: Timestamp, doc: &KeysetDoc, policy: &KeysetPolicy) -> KeysetDoc {
-    let Ok(mut plan) = plan(now, doc, policy, None) else {
-        return doc.clone();
-    };
-    plan.steps.retain(|step| {
-        matches!(
-            step,
-            Step::Activate { .. }
-                | Step::Retire { .. }
-                | Step::Remove { .. }
-                | Step::RemoveOrphan { .. }
-                | Step::ExtendRemoval { .. }
-        )
-    });
+/// SPEC C5: what a replica cut off from the store publishes at `now`,
+/// having last loaded `doc` at `since`. It follows the plan it has, exactly
+/// as the others do: each transition happens at its own instant (a key
+/// retired at a scheduled rotation is removed `retire_grace` after that
+/// rotation, not after `now`). It never creates keys (only a saved document
+/// may hold new ones), so a slot keeps no `next` key once it has been
+/// promoted here.
+pub fn project(
+    now: Timestamp,
+    since: Timestamp,
+    doc: &KeysetDoc,
+    policy: &KeysetPolicy,
+) -> KeysetDoc {
     let mut projected = doc.clone();
-    let mut no_new_keys = |alg: Alg| -> Result<NewKey, Alg> { Err(alg) };
-    // No `Create` step is left, so no key is asked for.
-    let _ = apply(&mut projected, &plan, policy, &mut no_new_keys);
+    let mut at = since.min(now);
+    // Each round moves to a later wake-up or stops; the bound only guards
+    // against a bug.
+    for _ in 0..64 {
+        let Ok(mut plan) = plan(at, &projected, policy, None) else {
+            break;
+        };
+        // Before `now`, only what the schedule and the stored timestamps
+        // decide; a config change (an algorithm or keyset removed, a longer
+        // grace) takes effect now, not at the last load.
+        let final_round = at >= now;
+        plan.steps.retain(|step| match step {
+            Step::Activate { trigger, .. } | Step::Retire { trigger, .. } => {
+                final_round
+                    || matches!(
+                        trigger,
+                        Trigger::Schedule | Trigger::Manual | Trigger::Bootstrap
+                    )
+            }
+            Step::Remove { .. } | Step::RemoveOrphan { .. } => true,
+            Step::ExtendRemoval { .. } => final_round,
+            _ => false,
+        });
+        let mut no_new_keys = |alg: Alg| -> Result<NewKey, Alg> { Err(alg) };
+        // No `Create` step is left, so no key is asked for.
+        let _ = apply(&mut projected, &plan, policy, &mut no_new_keys);
+        match plan.wake_at {
+            Some(next) if next <= now => at = next,
+            _ if at < now => at = now,
+            _ => break,
+        }
+    }
     projected
 }
 

@@ -117,9 +117,16 @@ impl Reconciler {
     }
 
     /// SPEC C5: the snapshot a replica cut off from the store publishes at
-    /// `now`, following the plan of the last document it loaded.
-    pub fn project(snapshot: &Snapshot, policy: &KeysetPolicy, now: Timestamp) -> Snapshot {
-        let doc = planner::project(now, &snapshot.doc, policy);
+    /// `now`, following the plan of the last document it loaded;
+    /// `loaded_at`: when the snapshot was loaded (transitions between then
+    /// and `now` happen at their own instants).
+    pub fn project(
+        snapshot: &Snapshot,
+        policy: &KeysetPolicy,
+        loaded_at: Timestamp,
+        now: Timestamp,
+    ) -> Snapshot {
+        let doc = planner::project(now, loaded_at, &snapshot.doc, policy);
         let jwks = doc
             .keys
             .iter()

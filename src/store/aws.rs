@@ -395,6 +395,43 @@ impl Store for AwsStore {
         }
     }
 
+    /// `ListSecrets` filtered by name prefix (a few calls, at start only).
+    async fn keysets(&self) -> Result<Vec<String>, StoreError> {
+        use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType};
+        let mut names = Vec::new();
+        let mut token = None;
+        loop {
+            let mut request = self.client.list_secrets().max_results(100);
+            if !self.prefix.is_empty() {
+                request = request.filters(
+                    Filter::builder()
+                        .key(FilterNameStringType::Name)
+                        .values(&self.prefix)
+                        .build(),
+                );
+            }
+            let page = request
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| self.failure("", "ListSecrets", e))?;
+            for secret in page.secret_list() {
+                // The filter matches any name containing the prefix' words;
+                // only names starting with it are ours.
+                if let Some(keyset) = secret
+                    .name()
+                    .and_then(|name| name.strip_prefix(self.prefix.as_str()))
+                {
+                    names.push(keyset.to_string());
+                }
+            }
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(names);
+            }
+        }
+    }
+
     async fn save(
         &self,
         keyset: &str,

@@ -136,6 +136,36 @@ impl Store for FileStore {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
+    /// `<keyset>.json` files; temp and lock files start with a dot.
+    async fn keysets(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.dir.clone();
+        let location = self.dir.display().to_string();
+        let listed = tokio::task::spawn_blocking(move || -> io::Result<Vec<String>> {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut names = Vec::new();
+            for entry in entries {
+                let name = entry?.file_name();
+                let Some(keyset) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                    continue;
+                };
+                if !keyset.starts_with('.') && !keyset.is_empty() {
+                    names.push(keyset.to_string());
+                }
+            }
+            Ok(names)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        listed.map_err(|e| StoreError::Unavailable {
+            location,
+            message: format!("cannot list the store folder: {e}"),
+        })
+    }
+
     /// Every save renames a new file into place, so the inode alone would
     /// do; mtime and size also catch an operator editing the file in place.
     async fn fingerprint(&self, keyset: &str) -> Option<String> {

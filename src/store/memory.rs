@@ -58,4 +58,9 @@ impl Store for MemoryStore {
         );
         Ok(Version(version.to_string()))
     }
+
+    async fn keysets(&self) -> Result<Vec<String>, StoreError> {
+        let documents = self.documents.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(documents.keys().cloned().collect())
+    }
 }

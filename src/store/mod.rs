@@ -102,6 +102,14 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// The keysets that have a document. The daemon looks for keysets that
+    /// were removed from the config and are still retiring (SPEC C1), so a
+    /// restart does not drop their JWKS early. A backend that cannot list
+    /// answers an empty list.
+    async fn keysets(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// The largest document the backend can hold, if it has a limit; the
     /// reconciler trims the oldest audit records to fit it.
     fn max_document_bytes(&self) -> Option<usize> {

@@ -747,9 +747,14 @@ pub fn check_certificate(jwk: &Value, keyset: &str, public_key_bytes: &[u8]) -> 
 
 pub fn timestamp(value: &Value) -> Option<i64> {
     let text = value.as_str()?;
+    // Milliseconds at most: whole seconds let a key be activated up to a
+    // second before publish_lead passed (issue 9).
+    let fraction = text
+        .split_once('.')
+        .map_or(0, |(_, f)| f.trim_end_matches('Z').len());
     assert!(
-        text.ends_with('Z') && !text.contains('.'),
-        "timestamps are RFC 3339 UTC, whole seconds: {text}"
+        text.ends_with('Z') && fraction <= 3,
+        "timestamps are RFC 3339 UTC, to the millisecond at most: {text}"
     );
     Some(
         chrono::DateTime::parse_from_rfc3339(text)
