@@ -17,6 +17,7 @@ use crate::daemon;
 use crate::document::{AuditEvent, KeyState};
 use crate::key::{Alg, CryptoKeys};
 use crate::logging::{self, LogFormat};
+use crate::manual;
 use crate::planner::{self, Action, PlanError};
 use crate::publish;
 use crate::reconcile::{ReconcileError, Reconciler, Snapshot};
@@ -76,12 +77,19 @@ enum Command {
     /// Remove a key from the JWKS and destroy it at once
     Revoke {
         keyset: String,
-        /// base64url kids may start with '-': never read one as a flag
+        /// The key id (a kid starting with "-" is read as a kid, never as a flag)
         #[arg(allow_hyphen_values = true)]
         kid: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the keyroll(1) man page (roff)
+    Manpage,
 }
 
 /// A command's failure, with its exit code.
@@ -127,6 +135,15 @@ impl Cli {
 
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> Result<(), CliError> {
+    // Generated from the clap definitions: no config, no runtime (manual.rs).
+    let generated = match cli.command {
+        Command::Completions { shell } => Some(manual::completions(shell)),
+        Command::Manpage => Some(manual::manpage().map_err(|e| CliError::Failure(e.to_string()))?),
+        _ => None,
+    };
+    if let Some(text) = generated {
+        return manual::print(&text).map_err(|e| CliError::Failure(e.to_string()));
+    }
     logging::init(cli.log_format, cli.log_level.as_deref())
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -155,6 +172,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             kid,
             reason,
         } => revoke(&config, &keyset, &kid, &reason).await,
+        Command::Completions { .. } | Command::Manpage => Ok(()), // answered in main()
     }
 }
 

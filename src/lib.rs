@@ -19,6 +19,7 @@ pub mod document;
 pub mod fsutil;
 pub mod key;
 pub mod logging;
+pub mod manual;
 pub mod metrics;
 pub mod planner;
 pub mod publish;

@@ -1,4 +1,12 @@
 //! Prometheus metrics (SPEC §5), encoded by `prometheus-client`.
+//!
+//! Every family that can be at zero is emitted at zero from the moment a
+//! keyset is configured ([`Metrics::register_keyset`]): `increase()`,
+//! `rate()` and `== 1` alerts need a series before the first event, and a
+//! dashboard shows 0 rather than "no data". Timestamps and ages are the
+//! exception: 0 would mean 1970, so they appear once they are known.
+//! `deploy/monitoring/` holds the alert rules and the dashboard over these
+//! names; `scripts/check-deploy` checks both against a running keyroll.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -50,6 +58,21 @@ struct OutputLabels {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
+/// The `output` label values of `keyroll_publish_errors_total`, registered
+/// at zero for every keyset (whether or not that output is configured, so
+/// the series set does not depend on the config). Outputs added later (S3,
+/// discovery files) add their name here.
+pub const PUBLISH_OUTPUTS: [&str; 3] = ["jwks_file", "signing_dir", "s3"];
+
+/// The triggers `keyroll_rotations_total` counts (the daemon counts an
+/// activation as a rotation for exactly these).
+const ROTATION_TRIGGERS: [Trigger; 4] = [
+    Trigger::Schedule,
+    Trigger::Manual,
+    Trigger::Forced,
+    Trigger::Revoke,
+];
+
 pub struct Metrics {
     registry: Registry,
     keys: Family<KeyLabels, Gauge>,
@@ -60,6 +83,10 @@ pub struct Metrics {
     last_success: Family<KeysetLabels, FloatGauge>,
     store_conflicts: Family<KeysetLabels, Counter>,
     publish_errors: Family<OutputLabels, Counter>,
+    document_missing: Family<KeysetLabels, Gauge>,
+    failed_closed: Family<KeysetLabels, Gauge>,
+    clock_offset: Family<KeysetLabels, FloatGauge>,
+    ready: Gauge,
     /// Activation instants, so the age is computed when scraped, not when
     /// the last reconcile happened to run.
     activations: Mutex<HashMap<(String, Alg), Timestamp>>,
@@ -82,6 +109,10 @@ impl Metrics {
         let last_success = Family::default();
         let store_conflicts = Family::default();
         let publish_errors = Family::default();
+        let document_missing = Family::default();
+        let failed_closed = Family::default();
+        let clock_offset = Family::default();
+        let ready = Gauge::default();
         registry.register("keys", "Keys per keyset, algorithm and state", keys.clone());
         registry.register(
             "active_key_age_seconds",
@@ -115,8 +146,28 @@ impl Metrics {
         );
         registry.register(
             "publish_errors",
-            "Failed writes of jwks_file or signing_dir",
+            "Failed writes of an output (jwks_file, signing_dir, s3)",
             publish_errors.clone(),
+        );
+        registry.register(
+            "document_missing",
+            "1 while the stored document of a keyset this process published is missing (SPEC C2)",
+            document_missing.clone(),
+        );
+        registry.register(
+            "failed_closed",
+            "1 while no store load succeeded for max_stale and signing keys are withheld (SPEC C5)",
+            failed_closed.clone(),
+        );
+        registry.register(
+            "clock_offset_seconds",
+            "The document's newest timestamp minus the local clock when that exceeds clock_skew, else 0 (SPEC C6)",
+            clock_offset.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when every keyset has been loaded and published (as /readyz), else 0",
+            ready.clone(),
         );
         Metrics {
             registry,
@@ -128,6 +179,10 @@ impl Metrics {
             last_success,
             store_conflicts,
             publish_errors,
+            document_missing,
+            failed_closed,
+            clock_offset,
+            ready,
             activations: Mutex::new(HashMap::new()),
         }
     }
@@ -217,10 +272,68 @@ impl Metrics {
         self.publish_errors.get_or_create(&labels).inc();
     }
 
-    /// Makes sure a keyset's counters exist (at zero) before anything happens.
+    /// SPEC C2: `missing` while a keyset's stored document is gone although
+    /// this process (or its `jwks_file`) published keys for it.
+    pub fn set_document_missing(&self, keyset: &str, missing: bool) {
+        self.document_missing
+            .get_or_create(&Self::keyset(keyset))
+            .set(i64::from(missing));
+    }
+
+    /// SPEC C5: `failed_closed` while no store load has succeeded for
+    /// `max_stale` and the signing keys are withheld.
+    pub fn set_failed_closed(&self, keyset: &str, failed_closed: bool) {
+        self.failed_closed
+            .get_or_create(&Self::keyset(keyset))
+            .set(i64::from(failed_closed));
+    }
+
+    /// SPEC C6: the newest stored timestamp minus the local clock, in
+    /// seconds, when it is ahead by more than `clock_skew`; 0 otherwise.
+    pub fn set_clock_offset(&self, keyset: &str, seconds: f64) {
+        self.clock_offset
+            .get_or_create(&Self::keyset(keyset))
+            .set(seconds);
+    }
+
+    /// The served snapshot's readiness, set just before each encoding.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Makes every series of a keyset that can be zero exist, at zero,
+    /// before anything happens (see the module header). Called for each
+    /// configured keyset at start and on reload; values already counted are
+    /// kept.
     pub fn register_keyset(&self, keyset: &str) {
-        let _ = self.reconcile_errors.get_or_create(&Self::keyset(keyset));
-        let _ = self.store_conflicts.get_or_create(&Self::keyset(keyset));
+        let labels = Self::keyset(keyset);
+        let _ = self.reconcile_errors.get_or_create(&labels);
+        let _ = self.store_conflicts.get_or_create(&labels);
+        let _ = self.document_missing.get_or_create(&labels);
+        let _ = self.failed_closed.get_or_create(&labels);
+        let _ = self.clock_offset.get_or_create(&labels);
+        for output in PUBLISH_OUTPUTS {
+            let _ = self.publish_errors.get_or_create(&OutputLabels {
+                keyset: keyset.to_string(),
+                output: output.to_string(),
+            });
+        }
+        for alg in Alg::ALL {
+            for state in [KeyState::Next, KeyState::Active, KeyState::Retired] {
+                let _ = self.keys.get_or_create(&KeyLabels {
+                    keyset: keyset.to_string(),
+                    alg: alg.to_string(),
+                    state: state.to_string(),
+                });
+            }
+            for trigger in ROTATION_TRIGGERS {
+                let _ = self.rotations.get_or_create(&RotationLabels {
+                    keyset: keyset.to_string(),
+                    alg: alg.to_string(),
+                    trigger: trigger.as_str().to_string(),
+                });
+            }
+        }
     }
 
     /// The Prometheus/OpenMetrics text of every metric.
@@ -239,5 +352,121 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    /// The value of `name{labels}` in the encoded text, labels in the order
+    /// the families declare them.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_registered_keyset_has_every_zero_series_before_any_event() {
+        let metrics = Metrics::new();
+        metrics.register_keyset("ks");
+        let text = metrics.encode(&SystemClock);
+        let mut expected = vec![
+            r#"keyroll_reconcile_errors_total{keyset="ks"}"#.to_string(),
+            r#"keyroll_store_conflicts_total{keyset="ks"}"#.to_string(),
+            r#"keyroll_document_missing{keyset="ks"}"#.to_string(),
+            r#"keyroll_failed_closed{keyset="ks"}"#.to_string(),
+            r#"keyroll_clock_offset_seconds{keyset="ks"}"#.to_string(),
+            "keyroll_ready".to_string(),
+        ];
+        for output in PUBLISH_OUTPUTS {
+            expected.push(format!(
+                r#"keyroll_publish_errors_total{{keyset="ks",output="{output}"}}"#
+            ));
+        }
+        for alg in ["ES256", "RS256"] {
+            for state in ["next", "active", "retired"] {
+                expected.push(format!(
+                    r#"keyroll_keys{{keyset="ks",alg="{alg}",state="{state}"}}"#
+                ));
+            }
+            for trigger in ["schedule", "manual", "forced", "revoke"] {
+                expected.push(format!(
+                    r#"keyroll_rotations_total{{keyset="ks",alg="{alg}",trigger="{trigger}"}}"#
+                ));
+            }
+        }
+        for series in &expected {
+            assert_eq!(sample(&text, series), Some(0.0), "{series} in:\n{text}");
+        }
+        // A timestamp at 0 would read as 1970 (a rotation 56 years overdue).
+        assert!(!text.contains("keyroll_next_rotation_timestamp_seconds{"));
+        assert!(!text.contains("keyroll_last_reconcile_success_timestamp_seconds{"));
+    }
+
+    #[test]
+    fn registering_again_keeps_what_was_counted() {
+        let metrics = Metrics::new();
+        metrics.register_keyset("ks");
+        metrics.publish_error("ks", "s3");
+        metrics.reconcile_error("ks");
+        metrics.register_keyset("ks");
+        let text = metrics.encode(&SystemClock);
+        assert_eq!(
+            sample(
+                &text,
+                r#"keyroll_publish_errors_total{keyset="ks",output="s3"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"keyroll_reconcile_errors_total{keyset="ks"}"#),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn the_c2_c5_c6_and_ready_setters_show_in_the_text() {
+        let metrics = Metrics::new();
+        metrics.register_keyset("ks");
+        metrics.set_document_missing("ks", true);
+        metrics.set_failed_closed("ks", true);
+        metrics.set_clock_offset("ks", 95.5);
+        metrics.set_ready(true);
+        let text = metrics.encode(&SystemClock);
+        assert_eq!(
+            sample(&text, r#"keyroll_document_missing{keyset="ks"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"keyroll_failed_closed{keyset="ks"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"keyroll_clock_offset_seconds{keyset="ks"}"#),
+            Some(95.5)
+        );
+        assert_eq!(sample(&text, "keyroll_ready"), Some(1.0));
+
+        metrics.set_document_missing("ks", false);
+        metrics.set_failed_closed("ks", false);
+        metrics.set_clock_offset("ks", 0.0);
+        metrics.set_ready(false);
+        let text = metrics.encode(&SystemClock);
+        assert_eq!(
+            sample(&text, r#"keyroll_document_missing{keyset="ks"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, r#"keyroll_failed_closed{keyset="ks"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, r#"keyroll_clock_offset_seconds{keyset="ks"}"#),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "keyroll_ready"), Some(0.0));
     }
 }

@@ -376,6 +376,8 @@ async fn metrics_text(method: Method, State(app): State<AppState>) -> Response {
     if !readable(&method) {
         return not_found();
     }
+    // keyroll_ready mirrors /readyz at the instant of the scrape.
+    app.metrics.set_ready(app.served.load().ready());
     let body = app.metrics.encode(&crate::clock::SystemClock);
     text(&method, StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
 }
