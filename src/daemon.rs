@@ -592,12 +592,21 @@ impl Daemon {
                 run.failures = 0;
                 run.last_load = Some(now);
                 run.failed_closed = false;
+                self.metrics.set_failed_closed(name, false);
                 run.outlook = outcome.plan.outlook.clone();
                 run.wake_at = outcome.plan.wake_at;
                 run.last_good = Some(outcome.snapshot.clone());
                 self.after_commit(&policy, &outcome);
                 self.metrics
                     .observe_keyset(&outcome.snapshot.doc, &outcome.plan.outlook, now);
+                // SPEC C2 and C6: what an operator must act on, as metrics.
+                self.metrics
+                    .set_document_missing(name, outcome.snapshot.doc.lost.is_some());
+                let offset = outcome
+                    .plan
+                    .clock_behind
+                    .map_or(0.0, |ahead| ahead.num_milliseconds() as f64 / 1000.0);
+                self.metrics.set_clock_offset(name, offset);
                 outcome.snapshot
             }
             Err(error) => {
@@ -616,6 +625,7 @@ impl Daemon {
                     .and_then(|plan| plan.wake_at);
                 let stale_at = run.stale_at();
                 run.failed_closed = stale_at.is_some_and(|at| now >= at);
+                self.metrics.set_failed_closed(name, run.failed_closed);
                 run.wake_at = [plan_wake, stale_at.filter(|at| *at > now)]
                     .into_iter()
                     .flatten()
