@@ -71,6 +71,8 @@ struct Daemon {
     /// started; 0 between passes. Read by the watchdog.
     busy_since: Arc<AtomicU64>,
     epoch: StdInstant,
+    // discovery hook: OpenID discovery routes, discovery_file, S3.
+    extra: publish::ExtraOutputs,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -90,6 +92,7 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
         outlook: HashMap::new(),
         busy_since: Arc::new(AtomicU64::new(0)),
         epoch: StdInstant::now(),
+        extra: publish::ExtraOutputs::default(), // discovery hook
     };
     daemon.apply_config_to_served();
     for config_warning in &daemon.config.warnings {
@@ -221,6 +224,7 @@ impl Daemon {
                 keysets,
                 default_keyset: default_keyset.clone(),
                 expected: expected.clone(),
+                routes: current.routes.clone(), // discovery hook
             }
         });
         for keyset in &expected {
@@ -393,6 +397,11 @@ impl Daemon {
                 _ => {}
             }
         }
+        // discovery hook: discovery routes and discovery_file before /readyz
+        // turns 200; S3 uploads are handed to a background task.
+        self.extra
+            .publish(&self.config, policy, &jwks, &self.served, &self.metrics)
+            .await;
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.
         if changed {
@@ -403,6 +412,7 @@ impl Daemon {
                     keysets,
                     default_keyset: current.default_keyset.clone(),
                     expected: current.expected.clone(),
+                    routes: current.routes.clone(), // discovery hook
                 }
             });
             tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "JWKS published");

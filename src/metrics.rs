@@ -115,7 +115,7 @@ impl Metrics {
         );
         registry.register(
             "publish_errors",
-            "Failed writes of jwks_file or signing_dir",
+            "Failed writes of jwks_file, signing_dir, discovery_file or S3 uploads",
             publish_errors.clone(),
         );
         Metrics {
@@ -221,6 +221,16 @@ impl Metrics {
     pub fn register_keyset(&self, keyset: &str) {
         let _ = self.reconcile_errors.get_or_create(&Self::keyset(keyset));
         let _ = self.store_conflicts.get_or_create(&Self::keyset(keyset));
+    }
+
+    /// Makes sure an output's error counter exists (at zero) once the
+    /// output is configured, so alerts on its increase work from the start.
+    pub fn register_output(&self, keyset: &str, output: &str) {
+        let labels = OutputLabels {
+            keyset: keyset.to_string(),
+            output: output.to_string(),
+        };
+        let _ = self.publish_errors.get_or_create(&labels);
     }
 
     /// The Prometheus/OpenMetrics text of every metric.

@@ -1,22 +1,27 @@
 //! Everything keyroll publishes, always from a document the store accepted:
-//! the JWKS bytes (served over HTTP and written to `jwks_file`) and the
-//! signing keys in `signing_dir`.
+//! the JWKS bytes (served over HTTP and written to `jwks_file`), the
+//! signing keys in `signing_dir`, and, for keysets that ask for them, the
+//! OpenID discovery document (HTTP, `discovery_file`) and S3 copies of both.
 
+pub mod discovery;
+mod extra;
 pub mod http;
 mod jwks;
 mod outputs;
+pub mod s3;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub use extra::ExtraOutputs;
 pub use jwks::{render, JwksDocument};
 pub use outputs::{write_jwks_file, write_signing_dir, SIGNING_JSON};
 
 /// What the HTTP server serves, swapped whole on every change so a request
 /// never waits for a reconcile.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Served {
     /// Keyset name → its current JWKS.
     pub keysets: HashMap<String, Arc<JwksDocument>>,
@@ -24,6 +29,8 @@ pub struct Served {
     pub default_keyset: Option<String>,
     /// Keysets the config names; `/readyz` waits for all of them.
     pub expected: Vec<String>,
+    /// OpenID discovery routes (discovery documents, `jwks_uri` paths).
+    pub routes: Arc<discovery::Routes>,
 }
 
 impl Served {
