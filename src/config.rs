@@ -1036,8 +1036,10 @@ struct Route<'a> {
     path: String,
     keyset: &'a str,
     kind: RouteKind,
-    /// What the operator wrote (or keyroll serves) there, for the message.
+    /// What is served there, for the message naming the earlier route.
     what: String,
+    /// The same, short, for the message naming the later route.
+    short: &'static str,
     /// Where it was written: `None` for keyroll's own routes.
     at: Option<(String, std::ops::Range<usize>)>,
 }
@@ -1061,6 +1063,7 @@ fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker)
             keyset: "",
             kind: RouteKind::Builtin,
             what: format!("keyroll's {path} endpoint"),
+            short: "",
             at: None,
         })
         .collect();
@@ -1070,6 +1073,7 @@ fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker)
             keyset: &policy.name,
             kind: RouteKind::Jwks,
             what: format!("keyset {:?}'s JWKS route", policy.name),
+            short: "",
             at: None,
         });
         if default == Some(policy.name.as_str()) {
@@ -1078,6 +1082,7 @@ fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker)
                 keyset: &policy.name,
                 kind: RouteKind::Jwks,
                 what: format!("the default keyset {:?}'s JWKS route", policy.name),
+                short: "",
                 at: None,
             });
         }
@@ -1100,6 +1105,7 @@ fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker)
             keyset: &policy.name,
             kind: RouteKind::Discovery,
             what: format!("{}'s discovery document", key("issuer")),
+            short: "the discovery document",
             at: Some((key("issuer"), issuer_at.clone())),
         });
         if let Some(path) = &discovery.jwks_route {
@@ -1111,7 +1117,8 @@ fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker)
                 path: path.clone(),
                 keyset: &policy.name,
                 kind: RouteKind::Jwks,
-                what: format!("{}'s JWKS (jwks_uri)", key("issuer")),
+                what: format!("the JWKS at {}", key("jwks_uri")),
+                short: "the JWKS at jwks_uri",
                 at: Some(at),
             });
         }
@@ -1131,7 +1138,7 @@ fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker)
                 key: key.clone(),
                 message: format!(
                     "{} would be served at {}, which is already {}: two keysets may not share a route; give each issuer its own path (like https://id.example.com/{})",
-                    route.what, route.path, earlier.what, route.keyset
+                    route.short, route.path, earlier.what, route.keyset
                 ),
             });
         }
