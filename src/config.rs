@@ -139,10 +139,11 @@ pub struct KeysetPolicy {
     pub x5c: bool,
     pub jwks_file: Option<PathBuf>,
     pub signing_dir: Option<PathBuf>,
-    /// OpenID discovery, when `issuer` is set.
-    pub discovery: Option<DiscoverySettings>,
+    /// OpenID discovery, when `issuer` is set. Boxed, like `s3_jwks`, so a
+    /// policy stays small for the many places that copy it.
+    pub discovery: Option<Box<DiscoverySettings>>,
     /// `s3_jwks`: the JWKS uploaded to S3.
-    pub s3_jwks: Option<S3Object>,
+    pub s3_jwks: Option<Box<S3Object>>,
 }
 
 /// A keyset's OpenID discovery (SPEC §4): the issuer and where its keys are.
@@ -733,8 +734,8 @@ fn build_keyset(
         x5c: raw.x5c.unwrap_or(true),
         jwks_file: raw.jwks_file.map(Spanned::into_inner),
         signing_dir: raw.signing_dir.map(Spanned::into_inner),
-        discovery,
-        s3_jwks,
+        discovery: discovery.map(Box::new),
+        s3_jwks: s3_jwks.map(Box::new),
     }
 }
 

@@ -63,7 +63,11 @@ impl S3 {
                 .region(aws_config::Region::new(emulator::REGION))
                 .endpoint_url(endpoint)
                 .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                    "testing", "testing", None, None, "keyroll-tests",
+                    "testing",
+                    "testing",
+                    None,
+                    None,
+                    "keyroll-tests",
                 ))
                 .load()
                 .await;
@@ -131,7 +135,10 @@ impl S3 {
 }
 
 fn unique_bucket() -> String {
-    format!("keyroll-{}", &uuid::Uuid::new_v4().simple().to_string()[..20])
+    format!(
+        "keyroll-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..20]
+    )
 }
 
 // ---- the daemon ---------------------------------------------------------------
@@ -178,14 +185,21 @@ fn http_discovery(sb: &Sandbox) -> Vec<u8> {
 
 /// Waits until the object holds `wanted`.
 fn until_object(daemon: &mut Daemon, s3: &S3, bucket: &str, key: &str, wanted: &[u8]) -> Object {
-    daemon.until(&format!("s3://{bucket}/{key} to hold the HTTP bytes"), LONG, || {
-        let object = s3.get(bucket, key)?;
-        if object.body == wanted {
-            Ok(object)
-        } else {
-            Err(format!("it holds {:?}", String::from_utf8_lossy(&object.body)))
-        }
-    })
+    daemon.until(
+        &format!("s3://{bucket}/{key} to hold the HTTP bytes"),
+        LONG,
+        || {
+            let object = s3.get(bucket, key)?;
+            if object.body == wanted {
+                Ok(object)
+            } else {
+                Err(format!(
+                    "it holds {:?}",
+                    String::from_utf8_lossy(&object.body)
+                ))
+            }
+        },
+    )
 }
 
 fn s3_errors(sb: &Sandbox) -> f64 {
@@ -201,7 +215,11 @@ fn s3_errors(sb: &Sandbox) -> f64 {
 fn other_outputs_work(sb: &Sandbox) {
     assert_eq!(get(&sb.url("/readyz")).unwrap().status, 200, "/readyz");
     let jwks = http_jwks(sb);
-    assert_eq!(fs::read(sb.path("out/jwks.json")).unwrap(), jwks, "jwks_file");
+    assert_eq!(
+        fs::read(sb.path("out/jwks.json")).unwrap(),
+        jwks,
+        "jwks_file"
+    );
     read_signer(&sb.path("signing"), "ES256").expect("signing_dir");
 }
 
@@ -227,7 +245,10 @@ fn objects_hold_the_http_bytes_and_headers() {
 
     let jwks = http_jwks(&sb);
     let object = until_object(&mut daemon, &s3, &bucket, JWKS_KEY, &jwks);
-    assert_eq!(object.content_type.as_deref(), Some("application/jwk-set+json"));
+    assert_eq!(
+        object.content_type.as_deref(),
+        Some("application/jwk-set+json")
+    );
     assert_eq!(object.cache_control.as_deref(), Some("public, max-age=2"));
     assert_eq!(
         object.sha256_metadata.as_deref(),
@@ -299,7 +320,13 @@ fn a_missing_bucket_is_reported_and_nothing_else_stops() {
     s3.create_bucket(&bucket);
     let jwks = http_jwks(&sb);
     until_object(&mut daemon, &s3, &bucket, JWKS_KEY, &jwks);
-    until_object(&mut daemon, &s3, &bucket, DISCOVERY_KEY, &http_discovery(&sb));
+    until_object(
+        &mut daemon,
+        &s3,
+        &bucket,
+        DISCOVERY_KEY,
+        &http_discovery(&sb),
+    );
     daemon.until("the recovery logged", LONG, || {
         if daemon_log(&sb).contains("S3 upload works again") {
             Ok(())
@@ -340,9 +367,16 @@ fn objects_deleted_or_overwritten_are_put_back() {
     until_object(&mut daemon, &s3, &bucket, DISCOVERY_KEY, &discovery);
 
     s3.delete(&bucket, JWKS_KEY);
-    s3.overwrite(&bucket, DISCOVERY_KEY, b"{\"issuer\":\"https://attacker.example\"}");
+    s3.overwrite(
+        &bucket,
+        DISCOVERY_KEY,
+        b"{\"issuer\":\"https://attacker.example\"}",
+    );
     let object = until_object(&mut daemon, &s3, &bucket, JWKS_KEY, &jwks);
-    assert_eq!(object.content_type.as_deref(), Some("application/jwk-set+json"));
+    assert_eq!(
+        object.content_type.as_deref(),
+        Some("application/jwk-set+json")
+    );
     let object = until_object(&mut daemon, &s3, &bucket, DISCOVERY_KEY, &discovery);
     assert_eq!(object.cache_control.as_deref(), Some("public, max-age=2"));
     assert!(
@@ -423,7 +457,10 @@ fn access_denied_is_reported_and_nothing_else_stops() {
         }
     });
     other_outputs_work(&sb);
-    assert!(puts.load(Ordering::SeqCst) >= 1, "a PutObject after the 403 HEAD");
+    assert!(
+        puts.load(Ordering::SeqCst) >= 1,
+        "a PutObject after the 403 HEAD"
+    );
     let started = Instant::now();
     let before = heads.load(Ordering::SeqCst) + puts.load(Ordering::SeqCst);
     thread::sleep(Duration::from_secs(3)); // a measurement window, not synchronisation
@@ -542,10 +579,18 @@ fn counts(emulator: &LoggedEmulator, bucket: &str) -> Counts {
 }
 
 /// Waits until both objects have been checked `n` more times than `since`.
-fn until_checked(daemon: &mut Daemon, emulator: &LoggedEmulator, bucket: &str, since: Counts, n: usize) -> Counts {
+fn until_checked(
+    daemon: &mut Daemon,
+    emulator: &LoggedEmulator,
+    bucket: &str,
+    since: Counts,
+    n: usize,
+) -> Counts {
     daemon.until(&format!("{n} more HeadObject per object"), LONG, || {
         let now = counts(emulator, bucket);
-        if now.jwks_heads >= since.jwks_heads + n && now.discovery_heads >= since.discovery_heads + n {
+        if now.jwks_heads >= since.jwks_heads + n
+            && now.discovery_heads >= since.discovery_heads + n
+        {
             Ok(now)
         } else {
             Err(format!("{now:?}"))
@@ -572,14 +617,24 @@ fn put_object_only_when_the_bytes_change_across_restarts() {
     let mut daemon = spawn(&sb, &emulator.endpoint());
     wait_ready(&mut daemon, &sb);
     until_object(&mut daemon, &s3, &bucket, JWKS_KEY, &http_jwks(&sb));
-    until_object(&mut daemon, &s3, &bucket, DISCOVERY_KEY, &http_discovery(&sb));
+    until_object(
+        &mut daemon,
+        &s3,
+        &bucket,
+        DISCOVERY_KEY,
+        &http_discovery(&sb),
+    );
     let first = counts(&emulator, &bucket);
     assert_eq!((first.jwks_puts, first.discovery_puts), (1, 1), "{first:?}");
 
     let idle_started = Instant::now();
     let idle = until_checked(&mut daemon, &emulator, &bucket, first, 5);
     let idle_seconds = idle_started.elapsed().as_secs_f64();
-    assert_eq!((idle.jwks_puts, idle.discovery_puts), (1, 1), "idle: {idle:?}");
+    assert_eq!(
+        (idle.jwks_puts, idle.discovery_puts),
+        (1, 1),
+        "idle: {idle:?}"
+    );
 
     daemon.stop_cleanly("TERM");
     let mut daemon = spawn(&sb, &emulator.endpoint());
@@ -600,10 +655,17 @@ fn put_object_only_when_the_bytes_change_across_restarts() {
         }
     });
     let settled = until_checked(&mut daemon, &emulator, &bucket, rotated, 2);
-    assert_eq!(settled.jwks_puts, 2, "one PutObject per change: {settled:?}");
-    assert_eq!(settled.discovery_puts, 1, "the discovery document did not change");
+    assert_eq!(
+        settled.jwks_puts, 2,
+        "one PutObject per change: {settled:?}"
+    );
+    assert_eq!(
+        settled.discovery_puts, 1,
+        "the discovery document did not change"
+    );
 
-    let idle_heads = (idle.jwks_heads - first.jwks_heads) + (idle.discovery_heads - first.discovery_heads);
+    let idle_heads =
+        (idle.jwks_heads - first.jwks_heads) + (idle.discovery_heads - first.discovery_heads);
     eprintln!(
         "S3 requests: first start {} HEAD + {} PUT for 2 objects; idle {} HEAD and 0 PUT in {:.1} s \
          (check period {CHECK_EVERY}: one HEAD per object per period); restart with the same keys \
@@ -662,5 +724,11 @@ fn a_frozen_then_restarted_emulator_gets_the_objects_back() {
     let s3 = S3::new(&emulator.endpoint());
     s3.create_bucket(&bucket);
     until_object(&mut daemon, &s3, &bucket, JWKS_KEY, &rotated);
-    until_object(&mut daemon, &s3, &bucket, DISCOVERY_KEY, &http_discovery(&sb));
+    until_object(
+        &mut daemon,
+        &s3,
+        &bucket,
+        DISCOVERY_KEY,
+        &http_discovery(&sb),
+    );
 }

@@ -63,7 +63,7 @@ impl ExtraOutputs {
 /// Whether `config` still has `keyset` publish to `object`.
 fn configured(config: &Config, keyset: &str, object: &S3Object) -> bool {
     config.keyset(keyset).is_some_and(|policy| {
-        policy.s3_jwks.as_ref() == Some(object)
+        policy.s3_jwks.as_deref() == Some(object)
             || policy
                 .discovery
                 .as_ref()
@@ -122,7 +122,7 @@ fn s3_objects(
         cache_control: format!("public, max-age={}", rendered.max_age_seconds),
     };
     let mut objects = Vec::new();
-    if let Some(object) = &policy.s3_jwks {
+    if let Some(object) = policy.s3_jwks.as_deref() {
         objects.push((object.clone(), content(jwks, JWKS_CONTENT_TYPE)));
     }
     let discovery_object = policy.discovery.as_ref().and_then(|d| d.s3.as_ref());
