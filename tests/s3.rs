@@ -669,7 +669,7 @@ fn put_object_only_when_the_bytes_change_across_restarts() {
     eprintln!(
         "S3 requests: first start {} HEAD + {} PUT for 2 objects; idle {} HEAD and 0 PUT in {:.1} s \
          (check period {CHECK_EVERY}: one HEAD per object per period); restart with the same keys \
-         {} HEAD + 0 PUT; a rotation {} PUT (JWKS only) + 0 HEAD before it",
+         {} HEAD + 0 PUT; a rotation {} PUT (JWKS only, after one HEAD)",
         first.jwks_heads + first.discovery_heads,
         first.jwks_puts + first.discovery_puts,
         idle_heads,

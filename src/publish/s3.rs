@@ -12,8 +12,9 @@
 //!
 //! - **start**: one `HeadObject`; `PutObject` only if the object is missing
 //!   or differs (so a restart with unchanged keys writes nothing).
-//! - **a change**: one `PutObject` (the object was known to hold the old
-//!   bytes).
+//! - **a change**: one `HeadObject`, then one `PutObject` unless another
+//!   replica has written the same bytes already (replicas render identical
+//!   bytes from the same document, so usually one of them writes).
 //! - **idle**: one `HeadObject` per `check_every` (30 s): an object deleted
 //!   or overwritten by someone else is put back within that period. Never a
 //!   periodic `PutObject`.
@@ -150,7 +151,6 @@ impl Drop for S3Publisher {
 /// What this process knows the object holds.
 struct Known {
     digest: String,
-    etag: Option<String>,
 }
 
 /// One object's task: keeps it equal to the latest content.
@@ -221,41 +221,32 @@ impl ObjectSync {
         }
     }
 
-    /// Brings the object in line with `wanted`. A change of content known
-    /// to differ from what the object holds is a `PutObject` alone; a
-    /// periodic `check`, or the first time, is a `HeadObject` first.
+    /// Brings the object in line with `wanted`: `HeadObject`, then
+    /// `PutObject` only if the object differs. A new content is looked up
+    /// first too: another replica, rendering the same bytes from the same
+    /// document, has often written it already.
     async fn sync(&mut self, wanted: &Content, check: bool) -> Result<Outcome, String> {
         let digest = wanted.digest();
         let known_same = self.known.as_ref().is_some_and(|k| k.digest == digest);
         if known_same && !check {
             return Ok(Outcome::Unchanged);
         }
-        if self.known.is_some() && !known_same {
-            self.put(wanted, digest).await?;
-            return Ok(Outcome::Written);
+        if self.head_matches(wanted, &digest).await? {
+            self.known = Some(Known { digest });
+            return Ok(Outcome::Unchanged);
         }
-        match self.head_matches(wanted, &digest).await? {
-            true => {
-                if self.known.is_none() {
-                    self.known = Some(Known { digest, etag: None });
-                }
-                Ok(Outcome::Unchanged)
-            }
-            false => {
-                let restored = self.known.is_some();
-                self.put(wanted, digest).await?;
-                Ok(if restored {
-                    Outcome::Restored
-                } else {
-                    Outcome::Written
-                })
-            }
-        }
+        self.put(wanted, digest).await?;
+        Ok(if known_same {
+            Outcome::Restored
+        } else {
+            Outcome::Written
+        })
     }
 
-    /// Whether the object holds `wanted`, by its stored digest, length,
-    /// headers and (when this process wrote it) ETag.
-    async fn head_matches(&mut self, wanted: &Content, digest: &str) -> Result<bool, String> {
+    /// Whether the object holds `wanted`: its stored digest, length and
+    /// headers. Not its ETag: with SSE-KMS every write of the same bytes
+    /// gets another ETag, and replicas would overwrite each other forever.
+    async fn head_matches(&self, wanted: &Content, digest: &str) -> Result<bool, String> {
         let head = self
             .client
             .head_object()
@@ -265,37 +256,24 @@ impl ObjectSync {
             .await;
         let head = match head {
             Ok(head) => head,
+            // 404: gone. 403: maybe gone (without s3:ListBucket S3 answers
+            // 403 for a missing key) or denied; the PutObject tells which.
             Err(SdkError::ServiceError(e)) if matches!(e.raw().status().as_u16(), 404 | 403) => {
-                // 404: gone. 403: maybe gone (no s3:ListBucket) or denied;
-                // the PutObject that follows tells which.
-                self.known = None;
                 return Ok(false);
             }
             Err(e) => return Err(format!("HeadObject failed: {}", describe(&e))),
         };
-        let same_etag = match (&self.known, head.e_tag()) {
-            (
-                Some(Known {
-                    etag: Some(ours), ..
-                }),
-                Some(theirs),
-            ) => ours == theirs,
-            _ => true,
-        };
-        let matches = head
+        Ok(head
             .metadata()
             .and_then(|m| m.get(DIGEST_METADATA))
             .is_some_and(|stored| stored == digest)
             && head.content_length() == Some(wanted.body.len() as i64)
             && head.content_type() == Some(wanted.content_type)
-            && head.cache_control() == Some(wanted.cache_control.as_str())
-            && same_etag;
-        Ok(matches)
+            && head.cache_control() == Some(wanted.cache_control.as_str()))
     }
 
     async fn put(&mut self, wanted: &Content, digest: String) -> Result<(), String> {
-        let put = self
-            .client
+        self.client
             .put_object()
             .bucket(&self.object.bucket)
             .key(&self.object.key)
@@ -306,10 +284,7 @@ impl ObjectSync {
             .send()
             .await
             .map_err(|e| format!("PutObject failed: {}", describe(&e)))?;
-        self.known = Some(Known {
-            digest,
-            etag: put.e_tag().map(str::to_string),
-        });
+        self.known = Some(Known { digest });
         Ok(())
     }
 }
