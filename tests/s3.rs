@@ -732,3 +732,52 @@ fn a_frozen_then_restarted_emulator_gets_the_objects_back() {
         &http_discovery(&sb),
     );
 }
+
+// ---- the IAM statements shipped in deploy/aws ------------------------------------
+
+fn statements(file: &str) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/aws")
+        .join(file);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let policy: serde_json::Value = serde_json::from_str(&text).expect("a JSON policy");
+    policy["Statement"].as_array().expect("statements").clone()
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    match value {
+        serde_json::Value::String(one) => vec![one.clone()],
+        serde_json::Value::Array(many) => many
+            .iter()
+            .map(|v| v.as_str().expect("a string").to_string())
+            .collect(),
+        other => panic!("expected a string or a list, got {other}"),
+    }
+}
+
+/// Least privilege: keyroll's policy allows exactly the two calls it makes
+/// (`HeadObject` is authorized by `s3:GetObject`) on named objects, no
+/// wildcard; the public bucket policy allows reading those objects only.
+#[test]
+fn the_shipped_s3_policies_name_objects_and_nothing_more() {
+    for (file, allowed) in [
+        ("iam-policy-s3.json", vec!["s3:GetObject", "s3:PutObject"]),
+        ("s3-bucket-policy-public-read.json", vec!["s3:GetObject"]),
+    ] {
+        for statement in statements(file) {
+            assert_eq!(statement["Effect"], "Allow", "{file}");
+            let mut actions = strings(&statement["Action"]);
+            actions.sort();
+            assert_eq!(actions, allowed, "{file}");
+            for resource in strings(&statement["Resource"]) {
+                let object = resource
+                    .strip_prefix("arn:aws:s3:::BUCKET/")
+                    .unwrap_or_else(|| panic!("{file}: {resource} is not an object ARN"));
+                assert!(
+                    !object.is_empty() && !object.contains('*'),
+                    "{file}: {resource} is not one object"
+                );
+            }
+        }
+    }
+}
