@@ -16,10 +16,11 @@ use crate::config::{Config, KeysetPolicy, S3Object, StoreSettings};
 use crate::metrics::Metrics;
 
 /// Holds the S3 publisher, made on first use: a config without S3 outputs
-/// never loads an AWS configuration.
+/// never loads an AWS configuration. Made again when a SIGHUP changes the
+/// AWS settings it was made with.
 #[derive(Default)]
 pub struct ExtraOutputs {
-    s3: Mutex<Option<S3Publisher>>,
+    s3: Mutex<Option<(crate::aws::Overrides, S3Publisher)>>,
 }
 
 impl ExtraOutputs {
@@ -42,16 +43,26 @@ impl ExtraOutputs {
             }
         }
         let objects = s3_objects(policy, jwks, document.as_ref());
+        let overrides = aws_overrides(config);
         let mut s3 = self.s3.lock().await;
-        if let Some(publisher) = s3.as_mut() {
+        if s3
+            .as_ref()
+            .is_some_and(|(made_with, _)| *made_with != overrides)
+        {
+            *s3 = None; // dropping the publisher stops its tasks
+        }
+        if let Some((_, publisher)) = s3.as_mut() {
             publisher.retain(|keyset, object| configured(config, keyset, object));
         }
         if objects.is_empty() {
             return;
         }
-        let publisher = match s3.as_mut() {
-            Some(publisher) => publisher,
-            None => s3.insert(start_s3(config, metrics.clone()).await),
+        let (_, publisher) = match s3.as_mut() {
+            Some(made) => made,
+            None => s3.insert((
+                overrides.clone(),
+                start_s3(&overrides, metrics.clone()).await,
+            )),
         };
         for (object, content) in objects {
             metrics.register_output(&policy.name, "s3");
@@ -132,17 +143,21 @@ fn s3_objects(
     objects
 }
 
-/// The S3 client, on the SDK configuration the store uses (its region and
-/// `endpoint_url` when the store is on AWS; the AWS chain otherwise).
-async fn start_s3(config: &Config, metrics: Arc<Metrics>) -> S3Publisher {
-    let overrides = match &config.store {
+/// The SDK settings the store uses: its region and `endpoint_url` when it
+/// is on AWS, the AWS chain alone otherwise.
+fn aws_overrides(config: &Config) -> crate::aws::Overrides {
+    match &config.store {
         StoreSettings::AwsSecretsManager(aws) => crate::aws::Overrides {
             region: aws.region.clone(),
             endpoint_url: aws.endpoint_url.clone(),
         },
         StoreSettings::File { .. } => crate::aws::Overrides::default(),
-    };
-    let sdk_config = crate::aws::sdk_config(&overrides).await;
+    }
+}
+
+/// The S3 client, on the SDK configuration the store shares.
+async fn start_s3(overrides: &crate::aws::Overrides, metrics: Arc<Metrics>) -> S3Publisher {
+    let sdk_config = crate::aws::sdk_config(overrides).await;
     if sdk_config.region().is_none() {
         tracing::error!(
             "S3 outputs configured but no AWS region: set AWS_REGION (or a profile's region); uploads will fail until then"
