@@ -1267,4 +1267,89 @@ mod tests {
                 .unwrap_err();
         assert!(err.to_string().contains("store.secret_prefix"), "{err}");
     }
+
+    #[test]
+    fn issuers_are_https_or_loopback_http_without_query_or_fragment() {
+        let with_issuer = |issuer: &str| {
+            parse(&format!(
+                "[[keysets]]\nname = \"a\"\nissuer = \"{issuer}\"\n"
+            ))
+        };
+        for good in [
+            "https://id.example.com",
+            "https://id.example.com/tenants/a/",
+            "https://id.example.com:8443/a%20b",
+            "http://127.0.0.1:8080/x",
+            "http://localhost",
+            "http://[::1]:9000",
+        ] {
+            let config = with_issuer(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(config.keysets[0].discovery.as_ref().unwrap().issuer, good);
+        }
+        for (bad, needle) in [
+            ("http://10.0.0.1", "uses http"),
+            ("http://id.example.com.evil", "uses http"),
+            ("ftp://id.example.com", "uses ftp"),
+            ("https://id.example.com/a b", "write the path as \"/a%20b\""),
+            ("https://id.example.com/x/../a", "write the path as \"/a\""),
+            ("https://u:p@id.example.com", "credentials"),
+            ("https://id.example.com/?", "has a query"),
+            ("id.example.com", "is not a URL"),
+        ] {
+            let err = with_issuer(bad).expect_err(bad).to_string();
+            assert!(
+                err.contains(needle) && err.contains("line 3: keysets[a].issuer"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_routes_and_s3_objects_are_derived_from_the_urls() {
+        let config = parse(
+            "[[keysets]]\nname = \"a\"\nissuer = \"https://id.example.com/t/\"\n\
+             s3_jwks = \"s3://my.bucket-1/a/keys.json\"\n\
+             s3_discovery = \"s3://my.bucket-1/t/.well-known/openid-configuration\"\n",
+        )
+        .unwrap();
+        let keyset = &config.keysets[0];
+        let discovery = keyset.discovery.as_ref().unwrap();
+        assert_eq!(discovery.route, "/t/.well-known/openid-configuration");
+        assert_eq!(
+            discovery.jwks_uri,
+            "https://id.example.com/t/.well-known/jwks.json"
+        );
+        assert_eq!(
+            discovery.jwks_route.as_deref(),
+            Some("/t/.well-known/jwks.json")
+        );
+        assert_eq!(
+            keyset
+                .s3_jwks
+                .as_deref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("s3://my.bucket-1/a/keys.json")
+        );
+        assert_eq!(
+            discovery
+                .s3
+                .as_ref()
+                .map(|o| (o.bucket.as_str(), o.key.as_str())),
+            Some(("my.bucket-1", "t/.well-known/openid-configuration"))
+        );
+        for bad in [
+            "s3://AB/key",
+            "s3://bucket",
+            "s3://-bucket/key",
+            "s3:/bucket/key",
+        ] {
+            let err =
+                parse(&format!("[[keysets]]\nname = \"a\"\ns3_jwks = \"{bad}\"\n")).expect_err(bad);
+            assert!(
+                err.to_string().contains("not an s3://bucket/key URL"),
+                "{err}"
+            );
+        }
+    }
 }
