@@ -207,8 +207,13 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
         check("store.dir".into(), dir, &mut problems);
     }
     for keyset in &config.keysets {
-        if let Some(file) = &keyset.jwks_file {
-            let key = format!("keysets[{}].jwks_file", keyset.name);
+        let discovery_file = keyset.discovery.as_ref().and_then(|d| d.file.as_ref());
+        for (field, file) in [
+            ("jwks_file", keyset.jwks_file.as_ref()),
+            ("discovery_file", discovery_file),
+        ] {
+            let Some(file) = file else { continue };
+            let key = format!("keysets[{}].{field}", keyset.name);
             if file.is_dir() {
                 problems.push(Problem {
                     line: None,
@@ -270,8 +275,12 @@ fn overlapping_outputs(config: &Config) -> Vec<Problem> {
     let mut seen: Vec<(PathBuf, String)> = Vec::new();
     for keyset in &config.keysets {
         let outputs = [
-            ("jwks_file", &keyset.jwks_file),
-            ("signing_dir", &keyset.signing_dir),
+            ("jwks_file", keyset.jwks_file.as_ref()),
+            ("signing_dir", keyset.signing_dir.as_ref()),
+            (
+                "discovery_file",
+                keyset.discovery.as_ref().and_then(|d| d.file.as_ref()),
+            ),
         ];
         for (field, path) in outputs {
             let Some(path) = path else { continue };
@@ -322,6 +331,32 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
 
 fn show(d: Duration) -> String {
     humantime::format_duration(d).to_string()
+}
+
+/// `validate`'s lines for OpenID discovery and S3: where each is served.
+fn describe_discovery_and_s3(keyset: &KeysetPolicy) -> String {
+    let mut out = String::new();
+    if let Some(d) = &keyset.discovery {
+        out.push_str(&format!("  issuer: {}\n", d.issuer));
+        out.push_str(&format!("    discovery: HTTP {}\n", d.route));
+        match &d.jwks_route {
+            Some(route) => out.push_str(&format!("    jwks_uri: {} (HTTP {route})\n", d.jwks_uri)),
+            None => out.push_str(&format!(
+                "    jwks_uri: {} (another origin: not served here)\n",
+                d.jwks_uri
+            )),
+        }
+        if let Some(file) = &d.file {
+            out.push_str(&format!("    discovery_file: {}\n", file.display()));
+        }
+        if let Some(object) = &d.s3 {
+            out.push_str(&format!("    s3_discovery: {object}\n"));
+        }
+    }
+    if let Some(object) = &keyset.s3_jwks {
+        out.push_str(&format!("  s3_jwks: {object}\n"));
+    }
+    out
 }
 
 fn validate(config: &Config) -> Result<(), CliError> {
@@ -383,6 +418,7 @@ fn validate(config: &Config) -> Result<(), CliError> {
         if let Some(d) = &k.signing_dir {
             out.push_str(&format!("  signing_dir: {}\n", d.display()));
         }
+        out.push_str(&describe_discovery_and_s3(k));
     }
     for warning in &config.warnings {
         out.push_str(&format!("\nwarning: {warning}\n"));

@@ -143,6 +143,44 @@ pub struct KeysetPolicy {
     pub max_stale: Duration,
     pub jwks_file: Option<PathBuf>,
     pub signing_dir: Option<PathBuf>,
+    /// OpenID discovery, when `issuer` is set. Boxed, like `s3_jwks`, so a
+    /// policy stays small for the many places that copy it.
+    pub discovery: Option<Box<DiscoverySettings>>,
+    /// `s3_jwks`: the JWKS uploaded to S3.
+    pub s3_jwks: Option<Box<S3Object>>,
+}
+
+/// A keyset's OpenID discovery (SPEC §4): the issuer and where its keys are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoverySettings {
+    /// Exactly as written: relying parties compare it with `iss` verbatim.
+    pub issuer: String,
+    /// `jwks_uri`, by default `<issuer>/.well-known/jwks.json`.
+    pub jwks_uri: String,
+    /// The HTTP path of the discovery document:
+    /// `<issuer path>/.well-known/openid-configuration`.
+    pub route: String,
+    /// The HTTP path keyroll serves the JWKS at for `jwks_uri`, when
+    /// `jwks_uri` has the issuer's origin (otherwise it is served elsewhere,
+    /// S3 say, and this server has nothing to answer there).
+    pub jwks_route: Option<String>,
+    /// `discovery_file`: the document also written to this file.
+    pub file: Option<PathBuf>,
+    /// `s3_discovery`: the document also uploaded to S3.
+    pub s3: Option<S3Object>,
+}
+
+/// An S3 object, from an `s3://bucket/key` URL.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct S3Object {
+    pub bucket: String,
+    pub key: String,
+}
+
+impl fmt::Display for S3Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
 }
 
 impl KeysetPolicy {
@@ -231,6 +269,11 @@ struct RawKeyset {
     max_stale: Option<Spanned<String>>,
     jwks_file: Option<Spanned<PathBuf>>,
     signing_dir: Option<Spanned<PathBuf>>,
+    issuer: Option<Spanned<String>>,
+    jwks_uri: Option<Spanned<String>>,
+    discovery_file: Option<Spanned<PathBuf>>,
+    s3_jwks: Option<Spanned<String>>,
+    s3_discovery: Option<Spanned<String>>,
 }
 
 // ---- parsing ---------------------------------------------------------------
@@ -436,10 +479,12 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
                     c.problem(Some(&raw_keyset.name), "keysets.name", message);
                     continue;
                 }
+                let spans = OutputSpans::of(&raw_keyset);
                 let policy =
                     build_keyset(raw_keyset, reconcile_interval, context, c, &mut warnings);
-                keysets.push(policy);
+                keysets.push((policy, spans));
             }
+            check_shared_routes(&keysets, c);
         }
     }
     Config {
@@ -448,7 +493,7 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
         state_dir,
         store,
         http_listen,
-        keysets,
+        keysets: keysets.into_iter().map(|(policy, _)| policy).collect(),
         warnings,
     }
 }
@@ -699,6 +744,11 @@ fn build_keyset(
         context,
         c,
     );
+    let discovery = build_discovery(&raw, &key, c);
+    let s3_jwks = raw
+        .s3_jwks
+        .as_ref()
+        .and_then(|url| s3_object(url, &key("s3_jwks"), c));
 
     KeysetPolicy {
         name,
@@ -710,6 +760,8 @@ fn build_keyset(
         max_stale,
         jwks_file: raw.jwks_file.map(Spanned::into_inner),
         signing_dir: raw.signing_dir.map(Spanned::into_inner),
+        discovery: discovery.map(Box::new),
+        s3_jwks: s3_jwks.map(Box::new),
     }
 }
 
@@ -875,6 +927,319 @@ fn build_schedule(
     schedule
 }
 
+// ---- OpenID discovery and S3 ------------------------------------------------
+
+/// Where a keyset's publication settings were written, for problems found
+/// when keysets are compared with each other.
+struct OutputSpans {
+    issuer: Option<std::ops::Range<usize>>,
+    jwks_uri: Option<std::ops::Range<usize>>,
+    s3_jwks: Option<std::ops::Range<usize>>,
+    s3_discovery: Option<std::ops::Range<usize>>,
+}
+
+impl OutputSpans {
+    fn of(raw: &RawKeyset) -> Self {
+        OutputSpans {
+            issuer: raw.issuer.as_ref().map(Spanned::span),
+            jwks_uri: raw.jwks_uri.as_ref().map(Spanned::span),
+            s3_jwks: raw.s3_jwks.as_ref().map(Spanned::span),
+            s3_discovery: raw.s3_discovery.as_ref().map(Spanned::span),
+        }
+    }
+}
+
+/// `issuer` and what hangs off it: `jwks_uri`, `discovery_file`,
+/// `s3_discovery` (each meaningless without an issuer).
+fn build_discovery(
+    raw: &RawKeyset,
+    key: &dyn Fn(&str) -> String,
+    c: &mut Checker,
+) -> Option<DiscoverySettings> {
+    let Some(issuer) = &raw.issuer else {
+        for (field, span) in [
+            ("jwks_uri", raw.jwks_uri.as_ref().map(Spanned::span)),
+            (
+                "discovery_file",
+                raw.discovery_file.as_ref().map(Spanned::span),
+            ),
+            ("s3_discovery", raw.s3_discovery.as_ref().map(Spanned::span)),
+        ] {
+            if let Some(span) = span {
+                let line = c.line_of(span);
+                c.problems.push(Problem {
+                    line: Some(line),
+                    key: key(field),
+                    message: "needs issuer: the discovery document is the issuer's".into(),
+                });
+            }
+        }
+        return None;
+    };
+    let issuer_url = public_url(issuer, &key("issuer"), c)?;
+    let base = issuer.get_ref().trim_end_matches('/');
+    let route = format!(
+        "{}/.well-known/openid-configuration",
+        issuer_url.path().trim_end_matches('/')
+    );
+    let (jwks_uri, jwks_url) = match &raw.jwks_uri {
+        Some(uri) => (uri.get_ref().clone(), public_url(uri, &key("jwks_uri"), c)?),
+        None => {
+            let uri = format!("{base}/.well-known/jwks.json");
+            // A valid issuer with this path appended is a valid URL.
+            let url = url::Url::parse(&uri).ok()?;
+            (uri, url)
+        }
+    };
+    let jwks_route =
+        (jwks_url.origin() == issuer_url.origin()).then(|| jwks_url.path().to_string());
+    if jwks_route.as_deref() == Some(route.as_str()) {
+        c.problem(
+            raw.jwks_uri.as_ref(),
+            &key("jwks_uri"),
+            format!("{jwks_uri:?} is the discovery document's own URL; the JWKS needs another"),
+        );
+    }
+    let s3 = raw
+        .s3_discovery
+        .as_ref()
+        .and_then(|url| s3_object(url, &key("s3_discovery"), c));
+    Some(DiscoverySettings {
+        issuer: issuer.get_ref().clone(),
+        jwks_uri,
+        route,
+        jwks_route,
+        file: raw.discovery_file.as_ref().map(|f| f.get_ref().clone()),
+        s3,
+    })
+}
+
+fn is_loopback(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name.to_ascii_lowercase().ends_with(".localhost")
+        }
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    }
+}
+
+/// An issuer or `jwks_uri`: https (http only on loopback, for tests and a
+/// local proxy), a host, no query, fragment or credentials, and a path
+/// written the way clients will send it.
+fn public_url(value: &Spanned<String>, key: &str, c: &mut Checker) -> Option<url::Url> {
+    let text = value.get_ref();
+    let url = match url::Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            c.problem(Some(value), key, format!("{text:?} is not a URL ({e})"));
+            return None;
+        }
+    };
+    let mut wrong = Vec::new();
+    match (url.scheme(), url.host()) {
+        (_, None) => wrong.push("has no host".to_string()),
+        ("https", Some(_)) => {}
+        ("http", Some(host)) if is_loopback(&host) => {}
+        (scheme, Some(_)) => wrong.push(format!(
+            "uses {scheme}: relying parties fetch keys over https only (http is allowed for loopback hosts, like http://127.0.0.1:8080)"
+        )),
+    }
+    if url.query().is_some() {
+        wrong.push("has a query (?...): OpenID discovery forbids one".into());
+    }
+    if url.fragment().is_some() {
+        wrong.push("has a fragment (#...): OpenID discovery forbids one".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        wrong.push("holds credentials (user@): leave them out".into());
+    }
+    // What follows the authority, as written: clients append to the
+    // written form, so a path the URL parser would rewrite (dot segments,
+    // characters it escapes) would be requested at a path we do not serve.
+    let written_path = text
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|at| &rest[at..]))
+        .map(|path| path.split(['?', '#']).next().unwrap_or(""))
+        .unwrap_or("/");
+    if wrong.is_empty() && written_path != url.path() {
+        wrong.push(format!("write the path as {:?}", url.path()));
+    }
+    if wrong.is_empty() {
+        Some(url)
+    } else {
+        c.problem(Some(value), key, format!("{text:?} {}", wrong.join("; ")));
+        None
+    }
+}
+
+/// An `s3://bucket/key` URL, with what S3 requires of bucket names and keys.
+fn s3_object(value: &Spanned<String>, key: &str, c: &mut Checker) -> Option<S3Object> {
+    let text = value.get_ref();
+    let parsed = text
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .filter(|(bucket, object)| {
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket.chars().all(|ch| {
+                    ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '.' || ch == '-'
+                })
+                && bucket.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+                && bucket.ends_with(|ch: char| ch.is_ascii_alphanumeric());
+            let key_ok =
+                !object.is_empty() && object.len() <= 1024 && !object.chars().any(char::is_control);
+            bucket_ok && key_ok
+        });
+    match parsed {
+        Some((bucket, object)) => Some(S3Object {
+            bucket: bucket.to_string(),
+            key: object.to_string(),
+        }),
+        None => {
+            c.problem(
+                Some(value),
+                key,
+                format!(
+                    "{text:?} is not an s3://bucket/key URL (a bucket name of 3 to 63 lowercase letters, digits, '.' and '-', then a key)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// What one HTTP route answers, for finding two things on one route.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RouteKind {
+    Jwks,
+    Discovery,
+    Builtin,
+}
+
+struct Route<'a> {
+    path: String,
+    keyset: &'a str,
+    kind: RouteKind,
+    /// What is served there, for the message naming the earlier route.
+    what: String,
+    /// The same, short, for the message naming the later route.
+    short: &'static str,
+    /// Where it was written: `None` for keyroll's own routes.
+    at: Option<(String, std::ops::Range<usize>)>,
+}
+
+/// No two keysets on one HTTP route (discovery documents, `jwks_uri`
+/// paths, and the built-in JWKS routes of another keyset), nor on one S3
+/// object. Problems go to the setting written later.
+fn check_shared_routes(keysets: &[(KeysetPolicy, OutputSpans)], c: &mut Checker) {
+    let default = keysets
+        .iter()
+        .find(|(k, _)| k.name == "default")
+        .or(match keysets {
+            [only] => Some(only),
+            _ => None,
+        })
+        .map(|(k, _)| k.name.as_str());
+    let mut routes: Vec<Route> = ["/healthz", "/readyz", "/metrics"]
+        .into_iter()
+        .map(|path| Route {
+            path: path.to_string(),
+            keyset: "",
+            kind: RouteKind::Builtin,
+            what: format!("keyroll's {path} endpoint"),
+            short: "",
+            at: None,
+        })
+        .collect();
+    for (policy, _) in keysets {
+        routes.push(Route {
+            path: format!("/keysets/{}/jwks.json", policy.name),
+            keyset: &policy.name,
+            kind: RouteKind::Jwks,
+            what: format!("keyset {:?}'s JWKS route", policy.name),
+            short: "",
+            at: None,
+        });
+        if default == Some(policy.name.as_str()) {
+            routes.push(Route {
+                path: "/.well-known/jwks.json".into(),
+                keyset: &policy.name,
+                kind: RouteKind::Jwks,
+                what: format!("the default keyset {:?}'s JWKS route", policy.name),
+                short: "",
+                at: None,
+            });
+        }
+    }
+    let mut objects: Vec<(&S3Object, String, Option<std::ops::Range<usize>>)> = Vec::new();
+    for (policy, spans) in keysets {
+        let key = |field: &str| format!("keysets[{}].{field}", policy.name);
+        if let Some(object) = &policy.s3_jwks {
+            objects.push((object, key("s3_jwks"), spans.s3_jwks.clone()));
+        }
+        let Some(discovery) = &policy.discovery else {
+            continue;
+        };
+        if let Some(object) = &discovery.s3 {
+            objects.push((object, key("s3_discovery"), spans.s3_discovery.clone()));
+        }
+        let issuer_at = spans.issuer.clone().unwrap_or_default();
+        routes.push(Route {
+            path: discovery.route.clone(),
+            keyset: &policy.name,
+            kind: RouteKind::Discovery,
+            what: format!("{}'s discovery document", key("issuer")),
+            short: "the discovery document",
+            at: Some((key("issuer"), issuer_at.clone())),
+        });
+        if let Some(path) = &discovery.jwks_route {
+            let at = match &spans.jwks_uri {
+                Some(span) => (key("jwks_uri"), span.clone()),
+                None => (key("issuer"), issuer_at),
+            };
+            routes.push(Route {
+                path: path.clone(),
+                keyset: &policy.name,
+                kind: RouteKind::Jwks,
+                what: format!("the JWKS at {}", key("jwks_uri")),
+                short: "the JWKS at jwks_uri",
+                at: Some(at),
+            });
+        }
+    }
+    for (i, route) in routes.iter().enumerate() {
+        let Some((key, span)) = &route.at else {
+            continue;
+        };
+        let clash = routes[..i].iter().find(|earlier| {
+            earlier.path == route.path
+                && (earlier.keyset != route.keyset || earlier.kind != route.kind)
+        });
+        if let Some(earlier) = clash {
+            let line = c.line_of(span.clone());
+            c.problems.push(Problem {
+                line: Some(line),
+                key: key.clone(),
+                message: format!(
+                    "{} would be served at {}, which is already {}: two keysets may not share a route; give each issuer its own path (like https://id.example.com/{})",
+                    route.short, route.path, earlier.what, route.keyset
+                ),
+            });
+        }
+    }
+    for (i, (object, key, span)) in objects.iter().enumerate() {
+        if let Some((_, earlier, _)) = objects[..i].iter().find(|(o, _, _)| o == object) {
+            let line = span.clone().map(|span| c.line_of(span));
+            c.problems.push(Problem {
+                line,
+                key: key.clone(),
+                message: format!("{object} is also {earlier}: each output needs its own object"),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -985,5 +1350,90 @@ mod tests {
             parse("[store]\ntype = \"file\"\nsecret_prefix = \"x/\"\n[[keysets]]\nname = \"a\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("store.secret_prefix"), "{err}");
+    }
+
+    #[test]
+    fn issuers_are_https_or_loopback_http_without_query_or_fragment() {
+        let with_issuer = |issuer: &str| {
+            parse(&format!(
+                "[[keysets]]\nname = \"a\"\nissuer = \"{issuer}\"\n"
+            ))
+        };
+        for good in [
+            "https://id.example.com",
+            "https://id.example.com/tenants/a/",
+            "https://id.example.com:8443/a%20b",
+            "http://127.0.0.1:8080/x",
+            "http://localhost",
+            "http://[::1]:9000",
+        ] {
+            let config = with_issuer(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(config.keysets[0].discovery.as_ref().unwrap().issuer, good);
+        }
+        for (bad, needle) in [
+            ("http://10.0.0.1", "uses http"),
+            ("http://id.example.com.evil", "uses http"),
+            ("ftp://id.example.com", "uses ftp"),
+            ("https://id.example.com/a b", "write the path as \"/a%20b\""),
+            ("https://id.example.com/x/../a", "write the path as \"/a\""),
+            ("https://u:p@id.example.com", "credentials"),
+            ("https://id.example.com/?", "has a query"),
+            ("id.example.com", "is not a URL"),
+        ] {
+            let err = with_issuer(bad).expect_err(bad).to_string();
+            assert!(
+                err.contains(needle) && err.contains("line 3: keysets[a].issuer"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_routes_and_s3_objects_are_derived_from_the_urls() {
+        let config = parse(
+            "[[keysets]]\nname = \"a\"\nissuer = \"https://id.example.com/t/\"\n\
+             s3_jwks = \"s3://my.bucket-1/a/keys.json\"\n\
+             s3_discovery = \"s3://my.bucket-1/t/.well-known/openid-configuration\"\n",
+        )
+        .unwrap();
+        let keyset = &config.keysets[0];
+        let discovery = keyset.discovery.as_ref().unwrap();
+        assert_eq!(discovery.route, "/t/.well-known/openid-configuration");
+        assert_eq!(
+            discovery.jwks_uri,
+            "https://id.example.com/t/.well-known/jwks.json"
+        );
+        assert_eq!(
+            discovery.jwks_route.as_deref(),
+            Some("/t/.well-known/jwks.json")
+        );
+        assert_eq!(
+            keyset
+                .s3_jwks
+                .as_deref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("s3://my.bucket-1/a/keys.json")
+        );
+        assert_eq!(
+            discovery
+                .s3
+                .as_ref()
+                .map(|o| (o.bucket.as_str(), o.key.as_str())),
+            Some(("my.bucket-1", "t/.well-known/openid-configuration"))
+        );
+        for bad in [
+            "s3://AB/key",
+            "s3://bucket",
+            "s3://-bucket/key",
+            "s3:/bucket/key",
+        ] {
+            let err =
+                parse(&format!("[[keysets]]\nname = \"a\"\ns3_jwks = \"{bad}\"\n")).expect_err(bad);
+            assert!(
+                err.to_string().contains("not an s3://bucket/key URL"),
+                "{err}"
+            );
+        }
     }
 }

@@ -162,6 +162,8 @@ pub struct Daemon {
     http: Option<tokio::task::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
     hangups: Option<tokio::signal::unix::Signal>,
+    /// OpenID discovery (routes, `discovery_file`) and S3 copies.
+    extra: publish::ExtraOutputs,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -223,6 +225,7 @@ impl Daemon {
             http: None,
             watchdog: None,
             hangups: None,
+            extra: publish::ExtraOutputs::default(),
         };
         daemon.apply_config();
         for config_warning in &daemon.config.warnings {
@@ -382,11 +385,9 @@ impl Daemon {
         let expected: Vec<String> = self.config.keysets.iter().map(|k| k.name.clone()).collect();
         let default_keyset = self.config.default_keyset().map(|k| k.name.clone());
         self.served.rcu(|current| Served {
-            keysets: current.keysets.clone(),
             default_keyset: default_keyset.clone(),
             expected: expected.clone(),
-            failed_closed: current.failed_closed.clone(),
-            offered: current.offered.clone(),
+            ..Served::clone(current)
         });
     }
 
@@ -513,10 +514,13 @@ impl Daemon {
                 continue;
             }
             tracing::info!(keyset = %name, "keyset not in the config and still retiring: serving its JWKS until the last remove_at");
+            // Its outputs other than the HTTP route are unknown now.
             let policy = KeysetPolicy {
                 name: name.clone(),
                 jwks_file: None,
                 signing_dir: None,
+                discovery: None,
+                s3_jwks: None,
                 ..template.retiring()
             };
             let mut run = KeysetRun::new(policy);
@@ -789,6 +793,14 @@ impl Daemon {
         if let Some(run) = self.keysets.get_mut(&policy.name) {
             run.published = published_keys(snapshot, policy.x5c);
         }
+        let removed = self.keysets.get(&policy.name).is_some_and(|r| r.removed);
+        if !removed {
+            // Discovery routes and discovery_file before /readyz turns 200;
+            // S3 uploads are handed to a background task.
+            self.extra
+                .publish(&self.config, policy, &jwks, &self.served, &self.metrics)
+                .await;
+        }
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.
         let failed_closed = match &offer {
@@ -815,10 +827,9 @@ impl Daemon {
             offers.insert(name.clone(), offered.clone());
             Served {
                 keysets,
-                default_keyset: current.default_keyset.clone(),
-                expected: current.expected.clone(),
                 failed_closed: closed,
                 offered: offers,
+                ..Served::clone(current)
             }
         });
         tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "published");
@@ -833,22 +844,11 @@ impl Daemon {
         if !current.keysets.keys().any(gone) {
             return;
         }
-        self.served.rcu(|current| Served {
-            keysets: current
-                .keysets
-                .iter()
-                .filter(|(name, _)| !gone(name))
-                .map(|(name, jwks)| (name.clone(), jwks.clone()))
-                .collect(),
-            default_keyset: current.default_keyset.clone(),
-            expected: current.expected.clone(),
-            failed_closed: current.failed_closed.clone(),
-            offered: current
-                .offered
-                .iter()
-                .filter(|(name, _)| !gone(name))
-                .map(|(name, keys)| (name.clone(), keys.clone()))
-                .collect(),
+        self.served.rcu(|current| {
+            let mut next = Served::clone(current);
+            next.keysets.retain(|name, _| !gone(name));
+            next.offered.retain(|name, _| !gone(name));
+            next
         });
     }
 

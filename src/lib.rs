@@ -7,10 +7,13 @@
 //! - [`planner`]: pure `(now, document, policy, action) -> steps`.
 //! - [`reconcile`]: load → plan → save (compare-and-swap), retried on conflict.
 //! - [`store`]: the `Store` trait and its file and memory backends.
-//! - [`publish`]: JWKS rendering, HTTP, `jwks_file`, `signing_dir`.
+//! - [`publish`]: JWKS and OpenID discovery rendering, HTTP, `jwks_file`,
+//!   `signing_dir`, S3.
+//! - [`aws`]: the one AWS SDK configuration, shared by the store and S3.
 //! - [`daemon`]: the `run` loop, signals, sd_notify; [`metrics`]: Prometheus.
 //! - [`cli`]: the commands; `main.rs` only maps their result to an exit code.
 
+pub mod aws;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -146,7 +146,7 @@ impl Metrics {
         );
         registry.register(
             "publish_errors",
-            "Failed writes of an output (jwks_file, signing_dir, s3)",
+            "Failed writes of jwks_file, signing_dir, discovery_file or S3 uploads",
             publish_errors.clone(),
         );
         registry.register(
@@ -334,6 +334,16 @@ impl Metrics {
                 });
             }
         }
+    }
+
+    /// Makes sure an output's error counter exists (at zero) once the
+    /// output is configured, so alerts on its increase work from the start.
+    pub fn register_output(&self, keyset: &str, output: &str) {
+        let labels = OutputLabels {
+            keyset: keyset.to_string(),
+            output: output.to_string(),
+        };
+        let _ = self.publish_errors.get_or_create(&labels);
     }
 
     /// The Prometheus/OpenMetrics text of every metric.

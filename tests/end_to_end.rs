@@ -625,7 +625,7 @@ impl Sim {
             for replica in &mut self.replicas {
                 replica.sample(now);
             }
-            if self.samples % SIGN_EVERY == 0 {
+            if self.samples.is_multiple_of(SIGN_EVERY) {
                 self.sign(now);
             }
             self.verify(now);

@@ -189,7 +189,7 @@ enum Fault {
     /// Signal, then never finish (the caller drops the future).
     Hang(tokio::sync::oneshot::Sender<()>),
     /// Run the other replica's reconcile, then save.
-    Race(Arc<Reconciler>, KeysetPolicy),
+    Race(Arc<Reconciler>, Box<KeysetPolicy>),
 }
 
 struct FaultyStore {
@@ -498,7 +498,7 @@ impl World {
             Op::Race(ask) => {
                 let action = self.action(ask);
                 self.faulty
-                    .set(Fault::Race(self.b.clone(), self.policy.clone()));
+                    .set(Fault::Race(self.b.clone(), Box::new(self.policy.clone())));
                 let mine = self.reconcile_a(action).await;
                 self.faulty.set(Fault::None);
                 if let Some(result) = self.faulty.raced.lock().unwrap().take() {
@@ -1223,7 +1223,8 @@ fn the_fault_injection_really_bites() {
         );
 
         // A race: B lands first, A conflicts, re-plans and finds nothing to do.
-        w.faulty.set(Fault::Race(w.b.clone(), w.policy.clone()));
+        w.faulty
+            .set(Fault::Race(w.b.clone(), Box::new(w.policy.clone())));
         let outcome = w.a.reconcile(&w.policy, None).await.unwrap();
         let raced = w.faulty.raced.lock().unwrap().take().unwrap().unwrap();
         assert_eq!(

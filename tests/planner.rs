@@ -1092,7 +1092,7 @@ fn revoking_the_active_key_with_a_young_next_key_warns() {
 
 #[test]
 fn a_lost_document_keeps_the_published_keys_and_bootstraps_nothing_at_once() {
-    let mut w = World::bootstrapped(support::policy());
+    let w = World::bootstrapped(support::policy());
     let published: Vec<_> = w
         .doc
         .keys

@@ -1,5 +1,6 @@
 //! The HTTP endpoints (SPEC §4): JWKS per keyset with a strong ETag,
-//! `If-None-Match` → 304 and `Cache-Control`; `/healthz`, `/readyz`,
+//! `If-None-Match` → 304 and `Cache-Control`; the same for OpenID discovery
+//! documents and `jwks_uri` paths; `/healthz`, `/readyz`,
 //! `/metrics`. Requests read a pre-rendered snapshot; they never touch the
 //! store or wait for a reconcile.
 //!
@@ -28,6 +29,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use super::discovery::{Route, DISCOVERY_CONTENT_TYPE};
 use super::{JwksDocument, ServedState};
 use crate::metrics::Metrics;
 
@@ -92,6 +94,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Front {
             return Answer::Now(std::future::ready(Ok(response.into_response())));
         }
         let Some(wanted) = jwks_path(request.uri().path()) else {
+            if let Some(response) = self.discovery_route(&request) {
+                return Answer::Now(std::future::ready(Ok(response)));
+            }
             return Answer::Routed(Box::pin(self.router.call(request)));
         };
         let served = self.served.load();
@@ -100,12 +105,37 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Front {
             JwksPath::Named(name) => Some(name),
         };
         let jwks = name.and_then(|name| served.keysets.get(name));
-        let response = jwks_response(
+        let response = document_response(
             request.method(),
             request.headers(),
             jwks.map(|j| j.as_ref()),
+            JWKS_CONTENT_TYPE,
         );
         Answer::Now(std::future::ready(Ok(response)))
+    }
+}
+
+impl Front {
+    /// The answer on an OpenID discovery route (a keyset's
+    /// `openid-configuration`, or its `jwks_uri` path), from the same
+    /// snapshot as the JWKS; `None` for any other path. Until the keyset's
+    /// JWKS is published, its discovery routes answer 404 like its JWKS.
+    fn discovery_route(&self, request: &hyper::Request<Incoming>) -> Option<Response> {
+        let served = self.served.load();
+        let route = served.routes.get(request.uri().path())?;
+        let jwks = served.keysets.get(route.keyset());
+        let (method, headers) = (request.method(), request.headers());
+        Some(match route {
+            Route::Discovery { document, .. } => document_response(
+                method,
+                headers,
+                jwks.map(|_| document.as_ref()),
+                DISCOVERY_CONTENT_TYPE,
+            ),
+            Route::Jwks { .. } => {
+                document_response(method, headers, jwks.map(|j| j.as_ref()), JWKS_CONTENT_TYPE)
+            }
+        })
     }
 }
 
@@ -296,7 +326,14 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
     })
 }
 
-fn jwks_response(method: &Method, headers: &HeaderMap, jwks: Option<&JwksDocument>) -> Response {
+/// A JWKS or discovery document: strong ETag, `If-None-Match` → 304,
+/// `Cache-Control: public, max-age=N`, HEAD without a body.
+fn document_response(
+    method: &Method,
+    headers: &HeaderMap,
+    jwks: Option<&JwksDocument>,
+    content_type: &'static str,
+) -> Response {
     let (Some(jwks), true) = (jwks, readable(method)) else {
         return not_found();
     };
@@ -319,10 +356,7 @@ fn jwks_response(method: &Method, headers: &HeaderMap, jwks: Option<&JwksDocumen
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         return response;
     }
-    out.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(JWKS_CONTENT_TYPE),
-    );
+    out.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     out.insert(header::CONTENT_LENGTH, HeaderValue::from(jwks.body.len()));
     response
 }

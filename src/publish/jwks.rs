@@ -78,6 +78,12 @@ pub fn render(
         keys: entries.iter().map(|entry| &entry.3).collect(),
     };
     let body = serde_json::to_vec(&set).expect("a JWKS always serializes");
+    rendered(body, max_age_seconds)
+}
+
+/// A served document: the body and its strong ETag (a digest of the body,
+/// quoted), shared by the JWKS and the discovery document.
+pub(super) fn rendered(body: Vec<u8>, max_age_seconds: u64) -> JwksDocument {
     let etag = format!(
         "\"{}\"",
         URL_SAFE_NO_PAD.encode(&Sha256::digest(&body)[..18])

@@ -1,16 +1,21 @@
 //! Everything keyroll publishes, always from a document the store accepted:
-//! the JWKS bytes (served over HTTP and written to `jwks_file`) and the
-//! signing keys in `signing_dir`.
+//! the JWKS bytes (served over HTTP and written to `jwks_file`), the
+//! signing keys in `signing_dir`, and, for keysets that ask for them, the
+//! OpenID discovery document (HTTP, `discovery_file`) and S3 copies of both.
 
+pub mod discovery;
+mod extra;
 pub mod http;
 mod jwks;
 mod outputs;
+pub mod s3;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub use extra::ExtraOutputs;
 pub use jwks::{parse_public_keys, render, JwksDocument};
 pub use outputs::{write_jwks_file, write_signing_dir, SIGNING_JSON};
 
@@ -28,7 +33,7 @@ pub fn published_in_jwks_file(policy: &crate::config::KeysetPolicy) -> Vec<crate
 
 /// What the HTTP server serves, swapped whole on every change so a request
 /// never waits for a reconcile.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Served {
     /// Keyset name → its current JWKS.
     pub keysets: HashMap<String, Arc<JwksDocument>>,
@@ -42,6 +47,8 @@ pub struct Served {
     /// The `(alg, kid)` of each key signers are offered, per keyset: what
     /// `signing_dir` holds. Empty when signing keys are withheld.
     pub offered: HashMap<String, Vec<(crate::key::Alg, String)>>,
+    /// OpenID discovery routes (discovery documents, `jwks_uri` paths).
+    pub routes: Arc<discovery::Routes>,
 }
 
 impl Served {

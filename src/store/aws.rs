@@ -48,12 +48,8 @@
 //! notice each other's writes at `reconcile_interval`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
 use aws_sdk_secretsmanager::config::http::HttpResponse;
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
@@ -61,6 +57,7 @@ use aws_sdk_secretsmanager::Client;
 use zeroize::Zeroizing;
 
 use super::{OpenError, Store, StoreError, Stored, Version};
+use crate::aws::error_chain;
 use crate::config::AwsSettings;
 
 /// The staging label of a version that is written but not yet current.
@@ -68,14 +65,6 @@ pub const PENDING_LABEL: &str = "keyroll-pending";
 const CURRENT_LABEL: &str = "AWSCURRENT";
 /// The most a secret value may hold.
 pub const MAX_SECRET_BYTES: usize = 65_536;
-
-/// Per-request limits. A reconcile touches a secret two or three times, so
-/// a dead endpoint fails it within about a minute at worst; the daemon then
-/// backs off and keeps serving what it published last.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
-const MAX_ATTEMPTS: u32 = 4;
 
 /// Error codes that say "try again later", whatever the operation.
 const TRANSIENT_CODES: &[&str] = &[
@@ -103,28 +92,11 @@ impl AwsStore {
     /// identity (IRSA) or instance metadata; `AWS_ENDPOINT_URL` honoured.
     /// Credentials are resolved at the first request, not here.
     pub async fn connect(settings: &AwsSettings) -> Result<Self, OpenError> {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http)
-            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                    .operation_timeout(OPERATION_TIMEOUT)
-                    .build(),
-            );
-        if let Some(region) = &settings.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &settings.endpoint_url {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
-        let sdk_config = loader.load().await;
+        let sdk_config = crate::aws::sdk_config(&crate::aws::Overrides {
+            region: settings.region.clone(),
+            endpoint_url: settings.endpoint_url.clone(),
+        })
+        .await;
         let region = sdk_config
             .region()
             .map(|r| r.to_string())
@@ -326,23 +298,6 @@ impl AwsStore {
             StoreError::Rejected { location, message }
         }
     }
-}
-
-/// An error and its causes on one line: "dispatch failure: io error: …".
-/// (The SDK's `DisplayErrorContext` appends a `Debug` dump of the whole
-/// response, too long for a log line.)
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn new_token() -> String {
