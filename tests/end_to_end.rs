@@ -791,9 +791,10 @@ impl Sim {
 
     /// SPEC C5 keeps a cut-off replica ready, serving its last JWKS, until
     /// `max_stale`; it follows the schedule, but cannot learn a key made
-    /// since it was cut off. So I6 holds through a partition only for
-    /// scheduled activations (README, "Partitions"): an operator action that
-    /// activates a key younger than the partition is not generated then.
+    /// (or a `next` key replaced) since it was cut off. So I6 holds through
+    /// a partition only for the plan the replica has (README, "When a
+    /// replica is cut off"): an operator action that changes the keys is
+    /// not generated during one.
     fn unscheduled_activation(&self, op: &Op) -> bool {
         let adds = |on: bool| !on;
         match op {
