@@ -495,6 +495,10 @@ impl Daemon {
         };
         let names = match self.reconciler.store().keysets().await {
             Ok(names) => names,
+            Err(e @ StoreError::Rejected { .. }) => {
+                tracing::warn!(error = %e, "cannot list the store: keysets removed from the config before this start are not served");
+                return true;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot list the store yet; will try again");
                 return false;

@@ -167,6 +167,19 @@ async fn equal_versions_mean_equal_content(store: Arc<dyn Store>) {
     }
 }
 
+/// `keysets` names every saved document and nothing else (no lock or temp
+/// file, no other deployment's prefix): a restarted daemon finds keysets
+/// removed from its config with it (SPEC C1).
+async fn keysets_lists_every_saved_document(store: Arc<dyn Store>) {
+    assert!(store.keysets().await.expect("list").is_empty());
+    let a = store.save("a", "a-one", None).await.unwrap();
+    store.save("b.c", "b-one", None).await.unwrap();
+    store.save("a", "a-two", Some(&a)).await.unwrap();
+    let mut names = store.keysets().await.expect("list");
+    names.sort();
+    assert_eq!(names, ["a", "b.c"]);
+}
+
 async fn keysets_are_independent(store: Arc<dyn Store>) {
     let a1 = store.save("a", "a-one", None).await.unwrap();
     // `b` does not exist yet even though `a` does.
@@ -352,6 +365,7 @@ macro_rules! battery {
             case!($make, loads_without_a_save_in_between_agree);
             case!($make, equal_versions_mean_equal_content);
             case!($make, keysets_are_independent);
+            case!($make, keysets_lists_every_saved_document);
             case!($make, concurrent_saves_against_one_version_have_one_winner);
             case!($make, concurrent_creates_have_one_winner);
             case!($make, concurrent_read_modify_write_loses_no_update);
