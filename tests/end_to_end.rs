@@ -240,7 +240,7 @@ impl Settings {
 // ---- replicas ----------------------------------------------------------------------
 
 /// One served state, from `from` until the next one (or the replica's end).
-struct Served_ {
+struct Sample {
     from: Timestamp,
     ready: bool,
     /// Keyset → the kids its JWKS route serves (`None`: 404).
@@ -259,7 +259,7 @@ struct Replica {
     crashed: Arc<AtomicU8>,
     offset: chrono::Duration,
     /// Every state this replica served, and when it stopped (crash).
-    history: Vec<Served_>,
+    history: Vec<Sample>,
     ended: Vec<Timestamp>,
     /// What its `jwks_file` would hold: the last JWKS it served, per keyset.
     jwks_files: HashMap<String, Vec<keyroll::key::PublicJwk>>,
@@ -354,7 +354,7 @@ impl Replica {
         if let Some(task) = self.task.take() {
             task.abort();
             self.ended.push(now);
-            self.history.push(Served_ {
+            self.history.push(Sample {
                 from: now,
                 ready: false,
                 jwks: BTreeMap::new(),
@@ -389,7 +389,7 @@ impl Replica {
             .iter()
             .map(|(name, keys)| (name.clone(), keys.clone()))
             .collect();
-        self.history.push(Served_ {
+        self.history.push(Sample {
             from: now,
             ready: current.ready(),
             jwks,
@@ -792,13 +792,13 @@ impl Sim {
     /// SPEC C5 keeps a cut-off replica ready, serving its last JWKS, until
     /// `max_stale`; it follows the schedule, but cannot learn a key made
     /// (or a `next` key replaced) since it was cut off. So I6 holds through
-    /// a partition only for the plan the replica has (README, "When a
-    /// replica is cut off"): an operator action that changes the keys is
-    /// not generated during one.
+    /// a partition only for the plan the replica has (README, "What a
+    /// partition cannot protect"): an operator action that changes the keys
+    /// is not generated during one.
     fn unscheduled_activation(&self, op: &Op) -> bool {
         let adds = |on: bool| !on;
         match op {
-            Op::Rotate { .. } | Op::DeleteDocument(_) | Op::SwapStore => true,
+            Op::Rotate { .. } | Op::Revoke { .. } | Op::DeleteDocument(_) | Op::SwapStore => true,
             Op::ToggleRs256 => adds(self.settings.rs256),
             Op::ToggleSecond => adds(self.settings.second),
             _ => false,
