@@ -44,6 +44,9 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    // signer hook
+    #[error(transparent)]
+    Signer(#[from] crate::signer::SignerError),
 }
 
 /// Everything `run` needs from outside, so tests can hand in their own.
@@ -97,6 +100,15 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
     }
 
     let (stop_http, http_stopped) = watch::channel(false);
+    // signer hook: the signer's sockets, stopped with HTTP.
+    let signers = crate::signer::start(
+        &daemon.config,
+        daemon.served.clone(),
+        daemon.metrics.clone(),
+        daemon.clock.clone(),
+        stop_http.subscribe(),
+    )
+    .await?;
     let http = daemon.start_http(http_stopped).await?;
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(DaemonError::Signals)?;
@@ -143,6 +155,10 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
         if tokio::time::timeout(HTTP_DRAIN, http).await.is_err() {
             tracing::warn!("HTTP connections still open at shutdown were dropped");
         }
+    }
+    // signer hook: in-flight sign requests get the same drain as HTTP.
+    for signer in signers {
+        let _ = tokio::time::timeout(HTTP_DRAIN, signer).await;
     }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
@@ -217,10 +233,18 @@ impl Daemon {
                 .filter(|(name, _)| expected.contains(name))
                 .map(|(name, jwks)| (name.clone(), jwks.clone()))
                 .collect();
+            // signer hook: a keyset no longer configured signs nothing (404).
+            let signing = current
+                .signing
+                .iter()
+                .filter(|(name, _)| expected.contains(name))
+                .map(|(name, keyring)| (name.clone(), keyring.clone()))
+                .collect();
             Served {
                 keysets,
                 default_keyset: default_keyset.clone(),
                 expected: expected.clone(),
+                signing,
             }
         });
         for keyset in &expected {
@@ -393,16 +417,39 @@ impl Daemon {
                 _ => {}
             }
         }
+        // signer hook: the signer's keys from this same snapshot, parsed only
+        // when they changed, swapped in with the JWKS below.
+        let previous = self.served.load().signing.get(&policy.name).cloned();
+        let keyring = crate::signer::keyring_for(
+            &self.config,
+            policy,
+            previous.as_ref(),
+            &snapshot.doc,
+            &snapshot.jwks,
+            self.clock.now(),
+        );
+        let changed = changed
+            || match (&previous, &keyring) {
+                (Some(before), Some(now)) => !Arc::ptr_eq(before, now),
+                (before, now) => before.is_some() != now.is_some(),
+            };
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.
         if changed {
             self.served.rcu(|current| {
                 let mut keysets = current.keysets.clone();
                 keysets.insert(policy.name.clone(), jwks.clone());
+                // signer hook
+                let mut signing = current.signing.clone();
+                match &keyring {
+                    Some(keyring) => signing.insert(policy.name.clone(), keyring.clone()),
+                    None => signing.remove(&policy.name),
+                };
                 Served {
                     keysets,
                     default_keyset: current.default_keyset.clone(),
                     expected: current.expected.clone(),
+                    signing,
                 }
             });
             tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "JWKS published");

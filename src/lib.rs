@@ -9,6 +9,7 @@
 //! - [`store`]: the `Store` trait and its file and memory backends.
 //! - [`publish`]: JWKS rendering, HTTP, `jwks_file`, `signing_dir`.
 //! - [`daemon`]: the `run` loop, signals, sd_notify; [`metrics`]: Prometheus.
+//! - [`signer`]: signs tokens itself: the sign API and Kubernetes' external signer.
 //! - [`cli`]: the commands; `main.rs` only maps their result to an exit code.
 
 pub mod cli;
@@ -24,4 +25,5 @@ pub mod planner;
 pub mod publish;
 pub mod reconcile;
 pub mod schedule;
+pub mod signer;
 pub mod store;

@@ -48,6 +48,12 @@ struct OutputLabels {
     output: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    keyset: String,
+    reason: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
@@ -60,6 +66,8 @@ pub struct Metrics {
     last_success: Family<KeysetLabels, FloatGauge>,
     store_conflicts: Family<KeysetLabels, Counter>,
     publish_errors: Family<OutputLabels, Counter>,
+    tokens_signed: Family<SlotLabels, Counter>,
+    sign_refused: Family<RefusalLabels, Counter>,
     /// Activation instants, so the age is computed when scraped, not when
     /// the last reconcile happened to run.
     activations: Mutex<HashMap<(String, Alg), Timestamp>>,
@@ -118,8 +126,22 @@ impl Metrics {
             "Failed writes of jwks_file or signing_dir",
             publish_errors.clone(),
         );
+        let tokens_signed = Family::default();
+        let sign_refused = Family::default();
+        registry.register(
+            "tokens_signed",
+            "Tokens the signer signed (sign API and Kubernetes)",
+            tokens_signed.clone(),
+        );
+        registry.register(
+            "sign_refused",
+            "Sign requests the signer refused, by reason",
+            sign_refused.clone(),
+        );
         Metrics {
             registry,
+            tokens_signed,
+            sign_refused,
             keys,
             active_key_age,
             next_rotation,
@@ -215,6 +237,20 @@ impl Metrics {
             output: output.to_string(),
         };
         self.publish_errors.get_or_create(&labels).inc();
+    }
+
+    /// One token signed by the signer.
+    pub fn token_signed(&self, keyset: &str, alg: Alg) {
+        self.tokens_signed.get_or_create(&Self::slot(keyset, alg)).inc();
+    }
+
+    /// One sign request refused; `reason` is one of a fixed set of labels.
+    pub fn sign_refused(&self, keyset: &str, reason: &str) {
+        let labels = RefusalLabels {
+            keyset: keyset.to_string(),
+            reason: reason.to_string(),
+        };
+        self.sign_refused.get_or_create(&labels).inc();
     }
 
     /// Makes sure a keyset's counters exist (at zero) before anything happens.

@@ -24,6 +24,9 @@ pub struct Served {
     pub default_keyset: Option<String>,
     /// Keysets the config names; `/readyz` waits for all of them.
     pub expected: Vec<String>,
+    /// Keyset name → the signer's keys, from the same snapshot as its JWKS
+    /// (empty without a `[signer]` table).
+    pub signing: HashMap<String, Arc<crate::signer::Keyring>>,
 }
 
 impl Served {
