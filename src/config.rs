@@ -1116,4 +1116,53 @@ mod tests {
                 .unwrap_err();
         assert!(err.to_string().contains("store.secret_prefix"), "{err}");
     }
+
+    #[test]
+    fn signer_table_defaults_and_the_kubernetes_keysets_longer_lead() {
+        let config = parse(
+            "[[keysets]]\nname = \"default\"\nalgorithms = [\"RS256\", \"ES256\"]\ntoken_ttl = \"10m\"\n\n[[keysets]]\nname = \"apps\"\n\n[signer]\nsocket = \"/run/k/sign.sock\"\nkubernetes_socket = \"/run/k/kube.sock\"\n",
+        )
+        .unwrap();
+        let signer = config.signer.clone().unwrap();
+        assert_eq!(signer.socket_mode, 0o660);
+        let kubernetes = signer.kubernetes.clone().unwrap();
+        assert_eq!((kubernetes.keyset.as_str(), kubernetes.alg), ("default", Alg::RS256));
+        assert_eq!(signer.default_alg(config.keyset("default").unwrap()), Some(Alg::RS256));
+        // kube-apiserver re-serves FetchKeys for jwks_cache_ttl: only that
+        // keyset's publish_lead grows.
+        let lead = |name: &str| config.keyset(name).unwrap().timings.publish_lead();
+        assert_eq!(lead("default"), Duration::from_secs(3600 + 60 + 300));
+        assert_eq!(lead("apps"), Duration::from_secs(3600 + 60));
+    }
+
+    #[test]
+    fn the_kubernetes_lead_is_checked_against_the_schedule() {
+        // 1h + 1m is fine alone, 1h + 1m + 5m is not.
+        let text = "[[keysets]]\nname = \"default\"\nrotate_every = \"62m\"\n\n[signer]\nkubernetes_socket = \"/run/k/kube.sock\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("kube-apiserver") && err.contains("line 3"), "{err}");
+        let ok = text.replace("[signer]\nkubernetes_socket", "[signer]\nsocket");
+        parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn signer_mistakes_name_the_key_and_line() {
+        let cases = [
+            ("[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_keyset = \"nope\"\n", "signer.kubernetes_keyset", 8),
+            ("[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_alg = \"HS256\"\n", "signer.kubernetes_alg", 8),
+            ("[signer]\nsocket = \"/s.sock\"\nsocket_mode = \"rw\"\n", "signer.socket_mode", 8),
+            ("[signer]\nsocket = \"/s.sock\"\nsockets = 1\n", "sockets", 8),
+            ("[signer]\nsocket = \"/s.sock\"\nkubernetes_alg = \"ES256\"\n", "signer.kubernetes_alg", 8),
+            ("[signer]\n", "signer", 6),
+        ];
+        for (signer, key, line) in cases {
+            let text = format!("[[keysets]]\nname = \"default\"\ntoken_ttl = \"10m\"\nalgorithms = [\"ES256\"]\n\n{signer}");
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.problems[0].key, key, "{err}");
+            assert_eq!(err.problems[0].line, Some(line), "{err}");
+        }
+        let short = "[[keysets]]\nname = \"default\"\ntoken_ttl = \"5m\"\n[signer]\nkubernetes_socket = \"/k.sock\"\n";
+        let err = parse(short).unwrap_err().to_string();
+        assert!(err.contains("token_ttl 5m") && err.contains("10m"), "{err}");
+    }
 }

@@ -104,7 +104,8 @@ fn check_one(path: &Path) -> Result<(), String> {
                 path.display()
             ))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Not there, or under a file: the parent's check below says which.
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
     let parent = parent_of(path);
