@@ -1126,8 +1126,14 @@ mod tests {
         let signer = config.signer.clone().unwrap();
         assert_eq!(signer.socket_mode, 0o660);
         let kubernetes = signer.kubernetes.clone().unwrap();
-        assert_eq!((kubernetes.keyset.as_str(), kubernetes.alg), ("default", Alg::RS256));
-        assert_eq!(signer.default_alg(config.keyset("default").unwrap()), Some(Alg::RS256));
+        assert_eq!(
+            (kubernetes.keyset.as_str(), kubernetes.alg),
+            ("default", Alg::RS256)
+        );
+        assert_eq!(
+            signer.default_alg(config.keyset("default").unwrap()),
+            Some(Alg::RS256)
+        );
         // kube-apiserver re-serves FetchKeys for jwks_cache_ttl: only that
         // keyset's publish_lead grows.
         let lead = |name: &str| config.keyset(name).unwrap().timings.publish_lead();
@@ -1140,7 +1146,10 @@ mod tests {
         // 1h + 1m is fine alone, 1h + 1m + 5m is not.
         let text = "[[keysets]]\nname = \"default\"\nrotate_every = \"62m\"\n\n[signer]\nkubernetes_socket = \"/run/k/kube.sock\"\n";
         let err = parse(text).unwrap_err().to_string();
-        assert!(err.contains("kube-apiserver") && err.contains("line 3"), "{err}");
+        assert!(
+            err.contains("kube-apiserver") && err.contains("line 3"),
+            "{err}"
+        );
         let ok = text.replace("[signer]\nkubernetes_socket", "[signer]\nsocket");
         parse(&ok).unwrap();
     }
@@ -1148,11 +1157,31 @@ mod tests {
     #[test]
     fn signer_mistakes_name_the_key_and_line() {
         let cases = [
-            ("[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_keyset = \"nope\"\n", "signer.kubernetes_keyset", 8),
-            ("[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_alg = \"HS256\"\n", "signer.kubernetes_alg", 8),
-            ("[signer]\nsocket = \"/s.sock\"\nsocket_mode = \"rw\"\n", "signer.socket_mode", 8),
-            ("[signer]\nsocket = \"/s.sock\"\nsockets = 1\n", "sockets", 8),
-            ("[signer]\nsocket = \"/s.sock\"\nkubernetes_alg = \"ES256\"\n", "signer.kubernetes_alg", 8),
+            (
+                "[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_keyset = \"nope\"\n",
+                "signer.kubernetes_keyset",
+                8,
+            ),
+            (
+                "[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_alg = \"HS256\"\n",
+                "signer.kubernetes_alg",
+                8,
+            ),
+            (
+                "[signer]\nsocket = \"/s.sock\"\nsocket_mode = \"rw\"\n",
+                "signer.socket_mode",
+                8,
+            ),
+            (
+                "[signer]\nsocket = \"/s.sock\"\nsockets = 1\n",
+                "sockets",
+                8,
+            ),
+            (
+                "[signer]\nsocket = \"/s.sock\"\nkubernetes_alg = \"ES256\"\n",
+                "signer.kubernetes_alg",
+                8,
+            ),
             ("[signer]\n", "signer", 6),
         ];
         for (signer, key, line) in cases {

@@ -241,7 +241,9 @@ impl Metrics {
 
     /// One token signed by the signer.
     pub fn token_signed(&self, keyset: &str, alg: Alg) {
-        self.tokens_signed.get_or_create(&Self::slot(keyset, alg)).inc();
+        self.tokens_signed
+            .get_or_create(&Self::slot(keyset, alg))
+            .inc();
     }
 
     /// One sign request refused; `reason` is one of a fixed set of labels.

@@ -12,7 +12,9 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no keyroll daemon is listening on {path} ({source}): start `keyroll run` with this config")]
+    #[error(
+        "no keyroll daemon is listening on {path} ({source}): start `keyroll run` with this config"
+    )]
     NoDaemon {
         path: String,
         source: std::io::Error,

@@ -40,7 +40,11 @@ pub struct KubeSigner {
 }
 
 impl KubeSigner {
-    pub(crate) fn new(shared: Arc<Shared>, settings: &KubernetesSigner, token_ttl: Duration) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        settings: &KubernetesSigner,
+        token_ttl: Duration,
+    ) -> Self {
         KubeSigner {
             shared,
             keyset: settings.keyset.clone(),
@@ -88,7 +92,10 @@ fn peer_of<T>(request: &Request<T>) -> Peer {
 
 #[tonic::async_trait]
 impl ExternalJwtSigner for KubeSigner {
-    async fn sign(&self, request: Request<SignJwtRequest>) -> Result<Response<SignJwtResponse>, Status> {
+    async fn sign(
+        &self,
+        request: Request<SignJwtRequest>,
+    ) -> Result<Response<SignJwtResponse>, Status> {
         let peer = peer_of(&request);
         let keyring = match self.keyring() {
             Ok(keyring) => keyring,

@@ -79,10 +79,16 @@ fn other_outputs(config: &Config) -> Vec<(String, PathBuf)> {
     }
     for keyset in &config.keysets {
         if let Some(file) = &keyset.jwks_file {
-            outputs.push((format!("keysets[{}].jwks_file", keyset.name), absolute(file)));
+            outputs.push((
+                format!("keysets[{}].jwks_file", keyset.name),
+                absolute(file),
+            ));
         }
         if let Some(dir) = &keyset.signing_dir {
-            outputs.push((format!("keysets[{}].signing_dir", keyset.name), absolute(dir)));
+            outputs.push((
+                format!("keysets[{}].signing_dir", keyset.name),
+                absolute(dir),
+            ));
         }
     }
     outputs
@@ -154,8 +160,7 @@ pub(super) fn bind(
         // still answers on it, it is not stale: leave it to that process.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(fail(
-                "another process is listening on this socket (is keyroll already running?)"
-                    .into(),
+                "another process is listening on this socket (is keyroll already running?)".into(),
             ));
         }
         tracing::info!(socket = %path.display(), "replacing a stale socket");
@@ -179,7 +184,8 @@ pub(super) fn bind(
     })?;
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
         .map_err(|e| fail(format!("cannot set the socket's mode {mode:o}: {e}")))?;
-    std::fs::rename(&staged, path).map_err(|e| fail(format!("cannot move the socket into place: {e}")))?;
+    std::fs::rename(&staged, path)
+        .map_err(|e| fail(format!("cannot move the socket into place: {e}")))?;
     let inode = std::fs::symlink_metadata(path).ok().map(|m| m.ino());
     Ok((
         listener,

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256};
+use ring::signature::{
+    EcdsaKeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
@@ -88,7 +90,9 @@ pub enum Refusal {
     ClaimsNotObject,
     #[error("claim {claim}: {why}")]
     BadClaim { claim: &'static str, why: String },
-    #[error("claim exp: exp - iat is {lifetime}s, longer than this keyset's token_ttl ({token_ttl}s)")]
+    #[error(
+        "claim exp: exp - iat is {lifetime}s, longer than this keyset's token_ttl ({token_ttl}s)"
+    )]
     ExpTooLong { lifetime: i64, token_ttl: u64 },
     #[error("claim iat: {iat} is {off}s from now, more than clock_skew ({skew}s)")]
     IatSkewed { iat: i64, off: i64, skew: u64 },
@@ -505,13 +509,20 @@ impl Keyring {
 
     /// Kubernetes' Sign: `claims` is the token's second segment as the API
     /// server made it, signed as received. Returns (header, signature).
-    pub fn sign_encoded(&self, alg: Alg, claims: &str, now: i64) -> Result<(String, String), Refusal> {
+    pub fn sign_encoded(
+        &self,
+        alg: Alg,
+        claims: &str,
+        now: i64,
+    ) -> Result<(String, String), Refusal> {
         let key = self.key(Some(alg.as_str()))?;
         let limits = self.limits_or_withheld()?;
-        let decoded = URL_SAFE_NO_PAD.decode(claims).map_err(|_| Refusal::BadClaim {
-            claim: "claims",
-            why: "not unpadded base64url".into(),
-        })?;
+        let decoded = URL_SAFE_NO_PAD
+            .decode(claims)
+            .map_err(|_| Refusal::BadClaim {
+                claim: "claims",
+                why: "not unpadded base64url".into(),
+            })?;
         let Ok(Value::Object(mut parsed)) = serde_json::from_slice::<Value>(&decoded) else {
             return Err(Refusal::ClaimsNotObject);
         };
@@ -735,8 +746,11 @@ pub async fn start(
         }));
     }
     if let Some(kubernetes) = &settings.kubernetes {
-        let (listener, file) =
-            listen::bind(&kubernetes.socket, settings.socket_mode, "kubernetes_socket")?;
+        let (listener, file) = listen::bind(
+            &kubernetes.socket,
+            settings.socket_mode,
+            "kubernetes_socket",
+        )?;
         let token_ttl = config
             .keyset(&kubernetes.keyset)
             .map(|k| k.timings.token_ttl)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -33,6 +33,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// And its body within this time after the header.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How much of a too-large body is read (and dropped) before answering 413.
+const DRAIN_LIMIT: usize = 1024 * 1024;
 /// Open connections at most; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 4096;
 /// Pause after a failed accept (out of file descriptors) instead of spinning.
@@ -165,15 +167,36 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Refusal> {
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > MAX_REQUEST_BYTES as u64) {
-        return Err(Refusal::TooLarge);
-    }
-    let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES);
-    match tokio::time::timeout(BODY_READ_TIMEOUT, body.collect()).await {
+    let mut body = request.into_body();
+    let too_large = declared.is_some_and(|length| length > MAX_REQUEST_BYTES as u64);
+    let read = async {
+        let mut collected = Vec::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| Refusal::BadRequest(format!("the body could not be read: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen += data.len();
+            // Past the limit the rest is read and dropped, up to a bound, so
+            // the client gets its 413 instead of a reset connection.
+            if seen > DRAIN_LIMIT {
+                return Err(Refusal::TooLarge);
+            }
+            if !too_large && seen <= MAX_REQUEST_BYTES {
+                collected.extend_from_slice(&data);
+            }
+        }
+        if too_large || seen > MAX_REQUEST_BYTES {
+            return Err(Refusal::TooLarge);
+        }
+        Ok(Bytes::from(collected))
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Err(_) if too_large => Err(Refusal::TooLarge),
         Err(_) => Err(Refusal::Slow),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(Refusal::TooLarge),
-        Ok(Err(error)) => Err(Refusal::BadRequest(format!("the body could not be read: {error}"))),
+        Ok(result) => result,
     }
 }
 
@@ -181,7 +204,12 @@ fn sign(shared: &Shared, keyset: &str, body: &[u8]) -> Result<Response<Full<Byte
     let request: SignRequest = serde_json::from_slice(body).map_err(|e| {
         // serde_json's messages quote offending input at most as a short
         // type or field name; the claims are never echoed.
-        Refusal::BadRequest(format!("line {} column {}: {}", e.line(), e.column(), e.classify_name()))
+        Refusal::BadRequest(format!(
+            "line {} column {}: {}",
+            e.line(),
+            e.column(),
+            e.classify_name()
+        ))
     })?;
     if !request.claims.is_object() {
         return Err(Refusal::ClaimsNotObject);

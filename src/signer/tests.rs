@@ -50,7 +50,14 @@ fn doc() -> KeysetDoc {
 
 fn keyring(doc: &KeysetDoc) -> Keyring {
     let jwks = doc.public_jwks(&CryptoKeys, "test").expect("valid keys");
-    Keyring::new(&policy(""), Some(Alg::RS256), doc, &jwks, chrono::Utc::now()).expect("parses")
+    Keyring::new(
+        &policy(""),
+        Some(Alg::RS256),
+        doc,
+        &jwks,
+        chrono::Utc::now(),
+    )
+    .expect("parses")
 }
 
 fn now() -> i64 {
@@ -71,7 +78,11 @@ fn segments(token: &str) -> (Value, Value, Vec<u8>) {
 /// The raw public key ring verifies with, taken from the published DER
 /// (the last bytes of the SubjectPublicKeyInfo's BIT STRING).
 fn verify_with_published(ring: &Keyring, kid: &str, alg: Alg, token: &str) {
-    let key = ring.published().iter().find(|k| k.kid == kid).expect("published");
+    let key = ring
+        .published()
+        .iter()
+        .find(|k| k.kid == kid)
+        .expect("published");
     let (input, signature) = token.rsplit_once('.').unwrap();
     let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
     match alg {
@@ -103,20 +114,29 @@ fn signs_with_the_active_key_and_a_header_of_exactly_alg_kid_typ() {
         .unwrap();
     // The default is the first algorithm as written (RS256 here).
     assert_eq!(signed.alg, Alg::RS256);
-    assert_eq!(signed.kid, doc.key(Alg::RS256, KeyState::Active).unwrap().kid);
+    assert_eq!(
+        signed.kid,
+        doc.key(Alg::RS256, KeyState::Active).unwrap().kid
+    );
     let (header, claims, _) = segments(&signed.token);
     assert_eq!(
         header,
         serde_json::json!({"alg": "RS256", "kid": signed.kid, "typ": "JWT"})
     );
-    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 600);
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        600
+    );
     assert_eq!(claims["exp"].as_i64(), Some(signed.expires_at));
     verify_with_published(&ring, &signed.kid, Alg::RS256, &signed.token);
 
     let signed = ring
         .sign_claims(Some("ES256"), serde_json::json!({"sub": "a"}), now())
         .unwrap();
-    assert_eq!(signed.kid, doc.key(Alg::ES256, KeyState::Active).unwrap().kid);
+    assert_eq!(
+        signed.kid,
+        doc.key(Alg::ES256, KeyState::Active).unwrap().kid
+    );
     verify_with_published(&ring, &signed.kid, Alg::ES256, &signed.token);
 }
 
@@ -126,7 +146,10 @@ fn kubernetes_claims_are_signed_as_received() {
     let ring = keyring(&doc);
     let t = now();
     // Deliberately not how serde_json would write it: spaces, key order.
-    let raw = format!("{{ \"sub\": \"system:serviceaccount:a:b\", \"exp\": {}, \"iat\": {t} }}", t + 600);
+    let raw = format!(
+        "{{ \"sub\": \"system:serviceaccount:a:b\", \"exp\": {}, \"iat\": {t} }}",
+        t + 600
+    );
     let claims = URL_SAFE_NO_PAD.encode(&raw);
     let (header, signature) = ring.sign_encoded(Alg::ES256, &claims, t).unwrap();
     assert!(!header.contains('=') && !signature.contains('='));
@@ -177,8 +200,12 @@ fn claims_are_held_to_token_ttl_and_clock_skew() {
     ));
     assert_eq!(refuse(serde_json::json!(["a"])), Refusal::ClaimsNotObject);
     // At the limits: accepted.
-    ring.sign_claims(Some("ES256"), serde_json::json!({"iat": t - 60, "exp": t + 540}), t)
-        .unwrap();
+    ring.sign_claims(
+        Some("ES256"),
+        serde_json::json!({"iat": t - 60, "exp": t + 540}),
+        t,
+    )
+    .unwrap();
     let unknown = ring
         .sign_claims(Some("HS256"), serde_json::json!({}), t)
         .unwrap_err();
@@ -210,9 +237,13 @@ fn refusals_never_quote_the_claims() {
 #[test]
 fn withheld_and_keyless_keyrings_answer_503_saying_why() {
     let ring = Keyring::withheld("keyset removed from the config".into());
-    let refusal = ring.sign_claims(None, serde_json::json!({}), now()).unwrap_err();
+    let refusal = ring
+        .sign_claims(None, serde_json::json!({}), now())
+        .unwrap_err();
     assert_eq!(refusal.http_status(), 503);
-    assert!(refusal.to_string().contains("keyset removed from the config"));
+    assert!(refusal
+        .to_string()
+        .contains("keyset removed from the config"));
     assert!(ring.published().is_empty());
 
     // A slot whose first key is still `next` (a new algorithm): 503 too.
@@ -223,7 +254,13 @@ fn withheld_and_keyless_keyrings_answer_503_saying_why() {
     let refusal = ring
         .sign_claims(Some("ES256"), serde_json::json!({}), now())
         .unwrap_err();
-    assert!(matches!(refusal, Refusal::NoActiveKey { alg: Alg::ES256, .. }));
+    assert!(matches!(
+        refusal,
+        Refusal::NoActiveKey {
+            alg: Alg::ES256,
+            ..
+        }
+    ));
     assert_eq!(refusal.http_status(), 503);
 }
 
@@ -237,18 +274,31 @@ fn published_der_is_each_jwk_and_a_keyring_is_reused_until_keys_change() {
     for (published, jwk) in first.published().iter().zip(&jwks) {
         assert_eq!(published.kid, jwk.kid);
         let again = CryptoKeys
-            .public_jwk(jwk.alg, &doc.keys.iter().find(|k| k.kid == jwk.kid).unwrap().private_key_pem)
+            .public_jwk(
+                jwk.alg,
+                &doc.keys
+                    .iter()
+                    .find(|k| k.kid == jwk.kid)
+                    .unwrap()
+                    .private_key_pem,
+            )
             .unwrap();
         assert_eq!(spki_der(&again).unwrap(), published.der);
     }
     let same = Keyring::refresh(Some(&first), &policy, None, &doc, &jwks, chrono::Utc::now());
-    assert!(Arc::ptr_eq(&first, &same), "unchanged keys are not parsed again");
+    assert!(
+        Arc::ptr_eq(&first, &same),
+        "unchanged keys are not parsed again"
+    );
     // A rotation: the next key becomes active.
     doc.keys[0].state = KeyState::Retired;
     doc.keys[2].state = KeyState::Active;
     let rotated = Keyring::refresh(Some(&first), &policy, None, &doc, &jwks, chrono::Utc::now());
     assert!(!Arc::ptr_eq(&first, &rotated));
-    assert_eq!(rotated.active_kid(Alg::ES256), Some(doc.keys[2].kid.as_str()));
+    assert_eq!(
+        rotated.active_kid(Alg::ES256),
+        Some(doc.keys[2].kid.as_str())
+    );
 }
 
 #[test]
