@@ -278,6 +278,10 @@ impl Daemon {
                 "http.listen changed: restart keyroll to apply it"
             );
         }
+        // signer hook: sockets are bound once, at start.
+        if crate::signer::needs_restart(&self.config, &config) {
+            tracing::warn!("[signer] sockets changed: restart keyroll to apply them");
+        }
         for config_warning in &config.warnings {
             tracing::warn!("{config_warning}");
         }

@@ -771,6 +771,21 @@ pub async fn start(
     Ok(tasks)
 }
 
+/// Whether a reloaded config binds other sockets (or serves another
+/// Kubernetes slot) than the running servers: that takes a restart.
+pub fn needs_restart(running: &Config, reloaded: &Config) -> bool {
+    let bound = |config: &Config| {
+        config.signer.as_ref().map(|signer| {
+            (
+                signer.socket.clone(),
+                signer.socket_mode,
+                signer.kubernetes.clone(),
+            )
+        })
+    };
+    bound(running) != bound(reloaded)
+}
+
 async fn shutdown(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
