@@ -14,6 +14,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -258,8 +260,17 @@ fn main() {
         let pid = daemon.0.id().to_string();
         let sent = Instant::now();
         Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        // Watched from a thread of its own: the clients only read a flag.
         let path = format!("/keysets/{name}/jwks.json");
-        let until = move || http_ok(port, &path);
+        let served = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let served = served.clone();
+            std::thread::spawn(move || {
+                wait_for("the RSA-4096 keyset", || http_ok(port, &path));
+                served.store(true, Ordering::Relaxed);
+            })
+        };
+        let until = move || served.load(Ordering::Relaxed);
         let busy = runtime.block_on(load(&socket, "ES256", 16, until));
         println!(
             "{:<11} {:>10.2?} {:>10.2?} {:>12.0}   (keys served {:.1?} after SIGHUP; p99 {:.2}x idle)",
@@ -270,6 +281,7 @@ fn main() {
             sent.elapsed(),
             busy.p99.as_secs_f64() / idle.p99.as_secs_f64()
         );
+        watcher.join().expect("the watcher thread");
     }
     drop(daemon);
 }
