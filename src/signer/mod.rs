@@ -322,11 +322,7 @@ impl Keyring {
         jwks: &[PublicJwk],
         loaded_at: Timestamp,
     ) -> Result<Keyring, SignerError> {
-        let mut algorithms = policy.algorithms.clone();
-        if let Some(first) = default_alg.filter(|alg| algorithms.contains(alg)) {
-            algorithms.retain(|alg| *alg != first);
-            algorithms.insert(0, first);
-        }
+        let algorithms = ordered(policy, default_alg);
         let mut signing = Vec::new();
         for alg in &algorithms {
             if let Some(key) = doc.key(*alg, KeyState::Active) {
@@ -389,11 +385,7 @@ impl Keyring {
         jwks: &[PublicJwk],
         loaded_at: Timestamp,
     ) -> Arc<Keyring> {
-        let mut algorithms = policy.algorithms.clone();
-        if let Some(first) = default_alg.filter(|alg| algorithms.contains(alg)) {
-            algorithms.retain(|alg| *alg != first);
-            algorithms.insert(0, first);
-        }
+        let algorithms = ordered(policy, default_alg);
         if let Some(previous) = previous {
             if previous.identity.as_ref() == Some(&identity(policy, &algorithms, doc)) {
                 previous
@@ -531,6 +523,16 @@ impl Keyring {
         let signature = URL_SAFE_NO_PAD.encode(key.sign(&self.rng, input.as_bytes()));
         Ok((key.header.clone(), signature))
     }
+}
+
+/// The keyset's algorithms with `default_alg` first.
+fn ordered(policy: &KeysetPolicy, default_alg: Option<Alg>) -> Vec<Alg> {
+    let mut algorithms = policy.algorithms.clone();
+    if let Some(first) = default_alg.filter(|alg| algorithms.contains(alg)) {
+        algorithms.retain(|alg| *alg != first);
+        algorithms.insert(0, first);
+    }
+    algorithms
 }
 
 fn identity(policy: &KeysetPolicy, algorithms: &[Alg], doc: &KeysetDoc) -> Identity {

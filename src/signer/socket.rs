@@ -208,7 +208,7 @@ fn sign(shared: &Shared, keyset: &str, body: &[u8]) -> Result<Response<Full<Byte
             "line {} column {}: {}",
             e.line(),
             e.column(),
-            e.classify_name()
+            json_problem(&e)
         ))
     })?;
     if !request.claims.is_object() {
@@ -234,20 +234,15 @@ fn sign(shared: &Shared, keyset: &str, body: &[u8]) -> Result<Response<Full<Byte
     Ok(json(StatusCode::OK, body))
 }
 
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "the body could not be read",
-            serde_json::error::Category::Syntax => "not valid JSON",
-            serde_json::error::Category::Data => {
-                "expected an object with \"claims\" (an object) and optionally \"alg\" (a string), nothing else"
-            }
-            serde_json::error::Category::Eof => "the JSON ends early",
+/// What is wrong with a request body, without quoting it.
+fn json_problem(error: &serde_json::Error) -> &'static str {
+    match error.classify() {
+        serde_json::error::Category::Io => "the body could not be read",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => {
+            "expected an object with \"claims\" (an object) and optionally \"alg\" (a string), nothing else"
         }
+        serde_json::error::Category::Eof => "the JSON ends early",
     }
 }
 
