@@ -19,7 +19,9 @@ ARG RUST_VERSION=1.89
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 # Only what the build reads (.dockerignore keeps the rest out).
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+# The Kubernetes signer's gRPC contract, compiled by build.rs (no protoc).
+COPY proto ./proto
 COPY src ./src
 COPY benches ./benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

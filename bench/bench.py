@@ -12,6 +12,9 @@ Sections (BENCH_ONLY=name,name... runs a subset):
   idle      idle RSS and CPU per minute, vs an idle nginx serving the same JWKS
   many      the daemon with 1,000 keysets: start-up pass, idle RSS and CPU
   reconcile one reconcile pass over 1,000 keysets (benches/reconcile.rs)
+  signer    tokens/s and p50/p99 over the sign API socket at 1, 16, 64 clients vs
+            the in-process limit; p99 while RSA-4096 keys are generated
+            (benches/signer.rs, which starts keyroll itself)
 """
 
 import argparse
@@ -604,6 +607,14 @@ def section_reconcile(args):
     say()
 
 
+def section_signer(args):
+    say("== The signer: tokens over the Unix socket vs in-process (benches/signer.rs)")
+    out = subprocess.run([args.signer_bench, "--bench"], capture_output=True, text=True,
+                         check=True).stdout
+    say(out.rstrip())
+    say()
+
+
 SECTIONS = {
     "serve": section_serve,
     "keygen": section_keygen_p99,
@@ -612,6 +623,7 @@ SECTIONS = {
     "idle": section_idle,
     "many": section_many,
     "reconcile": section_reconcile,
+    "signer": section_signer,
 }
 
 
@@ -620,6 +632,7 @@ def main():
     parser.add_argument("--keyroll", required=True)
     parser.add_argument("--keygen-bench", required=True)
     parser.add_argument("--reconcile-bench", required=True)
+    parser.add_argument("--signer-bench", required=True)
     parser.add_argument("--keyroll-baseline",
                         help="another keyroll binary to serve beside (serve section only)")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)))
@@ -628,7 +641,7 @@ def main():
     parser.add_argument("--idle-seconds", type=int, default=20)
     parser.add_argument("--rotations", type=int, default=15)
     args = parser.parse_args()
-    for name in ("keyroll", "keygen_bench", "reconcile_bench", "keyroll_baseline"):
+    for name in ("keyroll", "keygen_bench", "reconcile_bench", "signer_bench", "keyroll_baseline"):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
     only = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]

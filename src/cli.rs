@@ -90,6 +90,16 @@ enum Command {
     },
     /// Print the keyroll(1) man page (roff)
     Manpage,
+    /// Sign a token through the running daemon's signer socket
+    Sign {
+        keyset: Option<String>,
+        /// ES256 or RS256 [default: the keyset's first algorithm]
+        #[arg(long)]
+        alg: Option<String>,
+        /// The claims, a JSON object; iat and exp default to now and now + token_ttl
+        #[arg(long, value_name = "JSON")]
+        claims: String,
+    },
 }
 
 /// A command's failure, with its exit code.
@@ -173,6 +183,11 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             reason,
         } => revoke(&config, &keyset, &kid, &reason).await,
         Command::Completions { .. } | Command::Manpage => Ok(()), // answered in main()
+        Command::Sign {
+            keyset,
+            alg,
+            claims,
+        } => sign(&config, keyset.as_deref(), alg.as_deref(), &claims).await,
     }
 }
 
@@ -237,6 +252,7 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
         }
     }
     problems.extend(overlapping_outputs(config));
+    problems.extend(crate::signer::check_socket_paths(config));
     if problems.is_empty() {
         Ok(())
     } else {
@@ -420,6 +436,7 @@ fn validate(config: &Config) -> Result<(), CliError> {
         }
         out.push_str(&describe_discovery_and_s3(k));
     }
+    out.push_str(&describe_signer(config));
     for warning in &config.warnings {
         out.push_str(&format!("\nwarning: {warning}\n"));
     }
@@ -879,4 +896,76 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
         );
     }
     Ok(())
+}
+
+/// The `[signer]` part of `validate`'s output.
+fn describe_signer(config: &Config) -> String {
+    let Some(signer) = &config.signer else {
+        return String::new();
+    };
+    let mut out = String::from("\nsigner\n");
+    if let Some(socket) = &signer.socket {
+        out.push_str(&format!(
+            "  sign API: {} (mode {:04o})\n",
+            socket.display(),
+            signer.socket_mode
+        ));
+    }
+    if let Some(kubernetes) = &signer.kubernetes {
+        let token_ttl = config
+            .keyset(&kubernetes.keyset)
+            .map(|k| show(k.timings.token_ttl))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  kubernetes: {} (keyset {}, {}; --service-account-max-token-expiration={token_ttl})\n",
+            kubernetes.socket.display(),
+            kubernetes.keyset,
+            kubernetes.alg
+        ));
+    }
+    out
+}
+
+/// `keyroll sign`: one token from the running daemon's sign API.
+async fn sign(
+    config: &Config,
+    keyset: Option<&str>,
+    alg: Option<&str>,
+    claims: &str,
+) -> Result<(), CliError> {
+    let socket = config
+        .signer
+        .as_ref()
+        .and_then(|signer| signer.socket.as_ref())
+        .ok_or_else(|| {
+            CliError::Failure(format!(
+                "{} has no [signer] socket: the daemon offers no sign API (set [signer] socket and restart keyroll)",
+                config.source
+            ))
+        })?;
+    let policy = pick_keyset(config, keyset)?;
+    let claims: serde_json::Value = serde_json::from_str(claims)
+        .map_err(|e| CliError::Usage(format!("--claims is not JSON: {e}")))?;
+    let answer = crate::signer::client::sign(socket, &policy.name, alg, claims)
+        .await
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    let token = answer.body["token"].as_str();
+    match (answer.status, token) {
+        (200, Some(token)) => {
+            println!("{token}");
+            Ok(())
+        }
+        (status, _) => {
+            let why = answer.body["error"]
+                .as_str()
+                .map_or_else(|| answer.body.to_string(), str::to_string);
+            let message = format!("the signer refused ({status}): {why}");
+            // The request was wrong (400, 404, 413): a usage error.
+            Err(if (400..500).contains(&status) {
+                CliError::Usage(message)
+            } else {
+                CliError::Failure(message)
+            })
+        }
+    }
 }

@@ -83,7 +83,46 @@ pub struct Config {
     pub keysets: Vec<KeysetPolicy>,
     /// Legal but doubtful settings, shown by `validate` and logged by `run`.
     pub warnings: Vec<String>,
+    /// `None`: the `[signer]` table is absent, nothing signs.
+    pub signer: Option<SignerSettings>,
 }
+
+/// The `[signer]` table (SPEC §4, "The signer").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignerSettings {
+    /// The HTTP/1.1 sign API's Unix socket.
+    pub socket: Option<PathBuf>,
+    /// Permission bits of both sockets (default 0660).
+    pub socket_mode: u32,
+    /// The Kubernetes ExternalJWTSigner service, when set.
+    pub kubernetes: Option<KubernetesSigner>,
+    /// Each keyset's first algorithm as written in the config: what a sign
+    /// request without `alg` gets (`KeysetPolicy::algorithms` is sorted).
+    pub default_algs: BTreeMap<String, Alg>,
+}
+
+impl SignerSettings {
+    /// The algorithm a sign request without `alg` gets for `keyset`.
+    pub fn default_alg(&self, keyset: &KeysetPolicy) -> Option<Alg> {
+        self.default_algs
+            .get(&keyset.name)
+            .copied()
+            .or_else(|| keyset.algorithms.first().copied())
+    }
+}
+
+/// `[signer] kubernetes_*`: which slot kube-apiserver's tokens are signed with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesSigner {
+    pub socket: PathBuf,
+    pub keyset: String,
+    pub alg: Alg,
+}
+
+/// kube-apiserver refuses an external signer whose longest token is shorter
+/// (upstream's `max_token_expiration_seconds` "must be at least 600s").
+pub const KUBERNETES_MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreSettings {
@@ -231,6 +270,17 @@ struct RawConfig {
     store: Option<RawStore>,
     http: Option<RawHttp>,
     keysets: Option<Spanned<Vec<RawKeyset>>>,
+    signer: Option<Spanned<RawSigner>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigner {
+    socket: Option<Spanned<PathBuf>>,
+    socket_mode: Option<Spanned<String>>,
+    kubernetes_socket: Option<Spanned<PathBuf>>,
+    kubernetes_keyset: Option<Spanned<String>>,
+    kubernetes_alg: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -468,11 +518,28 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
         });
     let mut warnings = Vec::new();
     let mut keysets = Vec::new();
+    let mut default_algs = BTreeMap::new();
+    // kube-apiserver re-serves the keys it fetched: that keyset's
+    // publish_lead (checked against its schedule below) grows by it.
+    let kubernetes_keyset = raw.signer.as_ref().and_then(|signer| {
+        let signer = signer.get_ref();
+        signer.kubernetes_socket.as_ref().map(|_| {
+            signer
+                .kubernetes_keyset
+                .as_ref()
+                .map_or_else(|| "default".to_string(), |name| name.get_ref().clone())
+        })
+    });
     match raw.keysets {
         None => c.problem::<()>(None, "keysets", "no [[keysets]] defined: nothing to rotate"),
         Some(list) => {
             let mut seen = BTreeSet::new();
             for raw_keyset in list.into_inner() {
+                if let Some(first) = first_written_alg(&raw_keyset) {
+                    default_algs
+                        .entry(raw_keyset.name.get_ref().clone())
+                        .or_insert(first);
+                }
                 if !seen.insert(raw_keyset.name.get_ref().clone()) {
                     let message =
                         format!("keyset {:?} is defined twice", raw_keyset.name.get_ref());
@@ -480,22 +547,163 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
                     continue;
                 }
                 let spans = OutputSpans::of(&raw_keyset);
-                let policy =
-                    build_keyset(raw_keyset, reconcile_interval, context, c, &mut warnings);
+                let relayed = kubernetes_keyset.as_deref() == Some(raw_keyset.name.get_ref());
+                let policy = build_keyset(
+                    raw_keyset,
+                    reconcile_interval,
+                    relayed,
+                    context,
+                    c,
+                    &mut warnings,
+                );
                 keysets.push((policy, spans));
             }
             check_shared_routes(&keysets, c);
         }
     }
+    let keysets: Vec<KeysetPolicy> = keysets.into_iter().map(|(policy, _)| policy).collect();
+    let signer = raw
+        .signer
+        .map(|signer| build_signer(signer, &keysets, default_algs, c));
     Config {
         source,
         reconcile_interval,
         state_dir,
         store,
         http_listen,
-        keysets: keysets.into_iter().map(|(policy, _)| policy).collect(),
+        keysets,
         warnings,
+        signer,
     }
+}
+
+/// The first algorithm a keyset's `algorithms` names, as written.
+fn first_written_alg(raw: &RawKeyset) -> Option<Alg> {
+    match &raw.algorithms {
+        None => Some(Alg::ES256),
+        Some(list) => list
+            .get_ref()
+            .first()
+            .and_then(|name| Alg::ALL.into_iter().find(|alg| alg.as_str() == name)),
+    }
+}
+
+fn build_signer(
+    raw: Spanned<RawSigner>,
+    keysets: &[KeysetPolicy],
+    default_algs: BTreeMap<String, Alg>,
+    c: &mut Checker,
+) -> SignerSettings {
+    let table = raw.span();
+    let raw = raw.into_inner();
+    let socket_mode = match &raw.socket_mode {
+        None => DEFAULT_SOCKET_MODE,
+        Some(mode) => match u32::from_str_radix(mode.get_ref().trim(), 8) {
+            Ok(bits) if bits <= 0o777 => bits,
+            _ => {
+                let message = format!(
+                    "{:?} is not a file mode; write permission bits in octal, like \"0660\"",
+                    mode.get_ref()
+                );
+                c.problem(Some(mode), "signer.socket_mode", message);
+                DEFAULT_SOCKET_MODE
+            }
+        },
+    };
+    if raw.socket.is_none() && raw.kubernetes_socket.is_none() {
+        let line = c.line_of(table);
+        c.problems.push(Problem {
+            line: Some(line),
+            key: "signer".into(),
+            message: "set socket (the sign API), kubernetes_socket (kube-apiserver's external signer) or both; or leave out the [signer] table".into(),
+        });
+    }
+    let kubernetes = match &raw.kubernetes_socket {
+        Some(socket) => build_kubernetes_signer(&raw, socket, keysets, &default_algs, c),
+        None => {
+            for (key, value) in [
+                ("kubernetes_keyset", &raw.kubernetes_keyset),
+                ("kubernetes_alg", &raw.kubernetes_alg),
+            ] {
+                if value.is_some() {
+                    c.problem(
+                        value.as_ref(),
+                        &format!("signer.{key}"),
+                        "only used with kubernetes_socket, which is not set",
+                    );
+                }
+            }
+            None
+        }
+    };
+    SignerSettings {
+        socket: raw.socket.map(Spanned::into_inner),
+        socket_mode,
+        kubernetes,
+        default_algs,
+    }
+}
+
+fn build_kubernetes_signer(
+    raw: &RawSigner,
+    socket: &Spanned<PathBuf>,
+    keysets: &[KeysetPolicy],
+    default_algs: &BTreeMap<String, Alg>,
+    c: &mut Checker,
+) -> Option<KubernetesSigner> {
+    let name = raw
+        .kubernetes_keyset
+        .as_ref()
+        .map_or("default", |name| name.get_ref().as_str());
+    let Some(keyset) = keysets.iter().find(|k| k.name == name) else {
+        let names: Vec<&str> = keysets.iter().map(|k| k.name.as_str()).collect();
+        let message = format!(
+            "no keyset {name:?} is configured (keysets: {}); name the keyset kube-apiserver's tokens are signed with",
+            names.join(", ")
+        );
+        match &raw.kubernetes_keyset {
+            Some(at) => c.problem(Some(at), "signer.kubernetes_keyset", message),
+            None => c.problem(Some(socket), "signer.kubernetes_keyset", message),
+        }
+        return None;
+    };
+    let alg = match &raw.kubernetes_alg {
+        None => default_algs
+            .get(name)
+            .copied()
+            .or_else(|| keyset.algorithms.first().copied())?,
+        Some(alg) => {
+            let Some(alg) = keyset
+                .algorithms
+                .iter()
+                .copied()
+                .find(|a| a.as_str() == alg.get_ref())
+            else {
+                let configured: Vec<&str> = keyset.algorithms.iter().map(|a| a.as_str()).collect();
+                let message = format!(
+                    "keyset {name:?} has no algorithm {:?} (it has {})",
+                    alg.get_ref(),
+                    configured.join(", ")
+                );
+                c.problem(Some(alg), "signer.kubernetes_alg", message);
+                return None;
+            };
+            alg
+        }
+    };
+    if keyset.timings.token_ttl < KUBERNETES_MIN_TOKEN_TTL {
+        let message = format!(
+            "keyset {name:?} has token_ttl {}: kube-apiserver needs an external signer's longest token (max_token_expiration_seconds = token_ttl) to be at least {}; raise keysets[{name}].token_ttl",
+            show(keyset.timings.token_ttl),
+            show(KUBERNETES_MIN_TOKEN_TTL)
+        );
+        c.problem(Some(socket), "signer.kubernetes_socket", message);
+    }
+    Some(KubernetesSigner {
+        socket: socket.get_ref().clone(),
+        keyset: name.to_string(),
+        alg,
+    })
 }
 
 /// What AWS would refuse at the first request, refused at validation.
@@ -649,6 +857,7 @@ fn valid_keyset_name(name: &str) -> bool {
 fn build_keyset(
     raw: RawKeyset,
     reconcile_interval: Duration,
+    relayed_by_kubernetes: bool,
     context: &ParseContext,
     c: &mut Checker,
     warnings: &mut Vec<String>,
@@ -724,7 +933,13 @@ fn build_keyset(
         clock_skew: c
             .duration(raw.clock_skew.as_ref(), &key("clock_skew"))
             .unwrap_or(DEFAULT_CLOCK_SKEW),
-        relay_cache: Duration::ZERO,
+        // kube-apiserver re-serves FetchKeys results for refresh_hint_seconds
+        // = jwks_cache_ttl (signer/kube.rs).
+        relay_cache: if relayed_by_kubernetes {
+            jwks_cache_ttl
+        } else {
+            Duration::ZERO
+        },
     };
     if timings.propagation < reconcile_interval {
         warnings.push(format!(
@@ -1435,5 +1650,83 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn signer_table_defaults_and_the_kubernetes_keysets_longer_lead() {
+        let config = parse(
+            "[[keysets]]\nname = \"default\"\nalgorithms = [\"RS256\", \"ES256\"]\ntoken_ttl = \"10m\"\n\n[[keysets]]\nname = \"apps\"\n\n[signer]\nsocket = \"/run/k/sign.sock\"\nkubernetes_socket = \"/run/k/kube.sock\"\n",
+        )
+        .unwrap();
+        let signer = config.signer.clone().unwrap();
+        assert_eq!(signer.socket_mode, 0o660);
+        let kubernetes = signer.kubernetes.clone().unwrap();
+        assert_eq!(
+            (kubernetes.keyset.as_str(), kubernetes.alg),
+            ("default", Alg::RS256)
+        );
+        assert_eq!(
+            signer.default_alg(config.keyset("default").unwrap()),
+            Some(Alg::RS256)
+        );
+        // kube-apiserver re-serves FetchKeys for jwks_cache_ttl: only that
+        // keyset's publish_lead grows.
+        let lead = |name: &str| config.keyset(name).unwrap().timings.publish_lead();
+        assert_eq!(lead("default"), Duration::from_secs(3600 + 60 + 300));
+        assert_eq!(lead("apps"), Duration::from_secs(3600 + 60));
+    }
+
+    #[test]
+    fn the_kubernetes_lead_is_checked_against_the_schedule() {
+        // 1h + 1m is fine alone, 1h + 1m + 5m is not.
+        let text = "[[keysets]]\nname = \"default\"\nrotate_every = \"62m\"\n\n[signer]\nkubernetes_socket = \"/run/k/kube.sock\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("kube-apiserver") && err.contains("line 3"),
+            "{err}"
+        );
+        let ok = text.replace("[signer]\nkubernetes_socket", "[signer]\nsocket");
+        parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn signer_mistakes_name_the_key_and_line() {
+        let cases = [
+            (
+                "[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_keyset = \"nope\"\n",
+                "signer.kubernetes_keyset",
+                8,
+            ),
+            (
+                "[signer]\nkubernetes_socket = \"/k.sock\"\nkubernetes_alg = \"HS256\"\n",
+                "signer.kubernetes_alg",
+                8,
+            ),
+            (
+                "[signer]\nsocket = \"/s.sock\"\nsocket_mode = \"rw\"\n",
+                "signer.socket_mode",
+                8,
+            ),
+            (
+                "[signer]\nsocket = \"/s.sock\"\nsockets = 1\n",
+                "sockets",
+                8,
+            ),
+            (
+                "[signer]\nsocket = \"/s.sock\"\nkubernetes_alg = \"ES256\"\n",
+                "signer.kubernetes_alg",
+                8,
+            ),
+            ("[signer]\n", "signer", 6),
+        ];
+        for (signer, key, line) in cases {
+            let text = format!("[[keysets]]\nname = \"default\"\ntoken_ttl = \"10m\"\nalgorithms = [\"ES256\"]\n\n{signer}");
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.problems[0].key, key, "{err}");
+            assert_eq!(err.problems[0].line, Some(line), "{err}");
+        }
+        let short = "[[keysets]]\nname = \"default\"\ntoken_ttl = \"5m\"\n[signer]\nkubernetes_socket = \"/k.sock\"\n";
+        let err = parse(short).unwrap_err().to_string();
+        assert!(err.contains("token_ttl 5m") && err.contains("10m"), "{err}");
     }
 }

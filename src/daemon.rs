@@ -58,6 +58,8 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Signer(#[from] crate::signer::SignerError),
 }
 
 /// Everything the daemon needs from outside, so tests can hand in their own.
@@ -160,6 +162,8 @@ pub struct Daemon {
     epoch: StdInstant,
     stop_http: watch::Sender<bool>,
     http: Option<tokio::task::JoinHandle<()>>,
+    /// The signer's socket servers (`[signer]`), stopped with HTTP.
+    signers: Vec<tokio::task::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
     hangups: Option<tokio::signal::unix::Signal>,
     /// OpenID discovery (routes, `discovery_file`) and S3 copies.
@@ -223,6 +227,7 @@ impl Daemon {
             epoch: StdInstant::now(),
             stop_http,
             http: None,
+            signers: Vec::new(),
             watchdog: None,
             hangups: None,
             extra: publish::ExtraOutputs::default(),
@@ -231,6 +236,14 @@ impl Daemon {
         for config_warning in &daemon.config.warnings {
             tracing::warn!("{config_warning}");
         }
+        daemon.signers = crate::signer::start(
+            &daemon.config,
+            daemon.served.clone(),
+            daemon.metrics.clone(),
+            daemon.clock.clone(),
+            daemon.stop_http.subscribe(),
+        )
+        .await?;
         daemon.http = daemon.start_http(http_stopped).await?;
         daemon.watchdog = daemon.start_watchdog();
         tracing::info!(
@@ -293,6 +306,10 @@ impl Daemon {
             if tokio::time::timeout(HTTP_DRAIN, http).await.is_err() {
                 tracing::warn!("HTTP connections still open at shutdown were dropped");
             }
+        }
+        // In-flight sign requests get the same drain as HTTP.
+        for signer in self.signers {
+            let _ = tokio::time::timeout(HTTP_DRAIN, signer).await;
         }
         if let Some(watchdog) = self.watchdog {
             watchdog.abort();
@@ -384,10 +401,13 @@ impl Daemon {
         }
         let expected: Vec<String> = self.config.keysets.iter().map(|k| k.name.clone()).collect();
         let default_keyset = self.config.default_keyset().map(|k| k.name.clone());
-        self.served.rcu(|current| Served {
-            default_keyset: default_keyset.clone(),
-            expected: expected.clone(),
-            ..Served::clone(current)
+        self.served.rcu(|current| {
+            let mut next = Served::clone(current);
+            next.default_keyset = default_keyset.clone();
+            next.expected = expected.clone();
+            // A keyset no longer configured signs nothing (404).
+            next.signing.retain(|name, _| expected.contains(name));
+            next
         });
     }
 
@@ -416,6 +436,9 @@ impl Daemon {
                     return;
                 }
             }
+        }
+        if crate::signer::needs_restart(&self.config, &config) {
+            tracing::warn!("[signer] sockets changed: restart keyroll to apply them");
         }
         if config.http_listen != self.config.http_listen {
             tracing::warn!(
@@ -798,6 +821,7 @@ impl Daemon {
             run.published = published_keys(snapshot, policy.x5c);
         }
         let removed = self.keysets.get(&policy.name).is_some_and(|r| r.removed);
+        let keyring = self.keyring(policy, snapshot, &offer, removed);
         if !removed {
             // Discovery routes and discovery_file before /readyz turns 200;
             // S3 uploads are handed to a background task.
@@ -829,14 +853,48 @@ impl Daemon {
             };
             let mut offers = current.offered.clone();
             offers.insert(name.clone(), offered.clone());
+            let mut signing = current.signing.clone();
+            match &keyring {
+                Some(keyring) => signing.insert(name.clone(), keyring.clone()),
+                None => signing.remove(&name),
+            };
             Served {
                 keysets,
                 failed_closed: closed,
                 offered: offers,
+                signing,
                 ..Served::clone(current)
             }
         });
         tracing::debug!(keyset = %policy.name, etag = %jwks.etag, "published");
+    }
+
+    /// The signer's keys for this publish, from the same snapshot as the
+    /// JWKS and parsed only when they changed. A keyset being retired (C1)
+    /// has none (404); a replica that failed closed (C5) says why (503).
+    fn keyring(
+        &self,
+        policy: &KeysetPolicy,
+        snapshot: &Snapshot,
+        offer: &Offer,
+        removed: bool,
+    ) -> Option<Arc<crate::signer::Keyring>> {
+        let previous = self.served.load().signing.get(&policy.name).cloned();
+        match offer {
+            _ if removed || self.config.signer.is_none() => None,
+            Offer::Keys => crate::signer::keyring_for(
+                &self.config,
+                policy,
+                previous.as_ref(),
+                &snapshot.doc,
+                &snapshot.jwks,
+                self.clock.now(),
+            ),
+            Offer::Withheld(why) => match previous {
+                Some(same) if same.withheld_reason() == Some(why.as_str()) => Some(same),
+                _ => Some(Arc::new(crate::signer::Keyring::withheld(why.clone()))),
+            },
+        }
     }
 
     /// Drops the routes of keysets that are neither configured nor being
@@ -852,6 +910,7 @@ impl Daemon {
             let mut next = Served::clone(current);
             next.keysets.retain(|name, _| !gone(name));
             next.offered.retain(|name, _| !gone(name));
+            next.signing.retain(|name, _| !gone(name));
             next
         });
     }

@@ -11,6 +11,7 @@
 //!   `signing_dir`, S3.
 //! - [`aws`]: the one AWS SDK configuration, shared by the store and S3.
 //! - [`daemon`]: the `run` loop, signals, sd_notify; [`metrics`]: Prometheus.
+//! - [`signer`]: signs tokens itself: the sign API and Kubernetes' external signer.
 //! - [`cli`]: the commands; `main.rs` only maps their result to an exit code.
 
 pub mod aws;
@@ -28,4 +29,5 @@ pub mod planner;
 pub mod publish;
 pub mod reconcile;
 pub mod schedule;
+pub mod signer;
 pub mod store;

@@ -56,6 +56,12 @@ struct OutputLabels {
     output: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    keyset: String,
+    reason: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The `output` label values of `keyroll_publish_errors_total`, registered
@@ -87,6 +93,8 @@ pub struct Metrics {
     failed_closed: Family<KeysetLabels, Gauge>,
     clock_offset: Family<KeysetLabels, FloatGauge>,
     ready: Gauge,
+    tokens_signed: Family<SlotLabels, Counter>,
+    sign_refused: Family<RefusalLabels, Counter>,
     /// Activation instants, so the age is computed when scraped, not when
     /// the last reconcile happened to run.
     activations: Mutex<HashMap<(String, Alg), Timestamp>>,
@@ -169,8 +177,22 @@ impl Metrics {
             "1 when every keyset has been loaded and published (as /readyz), else 0",
             ready.clone(),
         );
+        let tokens_signed = Family::default();
+        let sign_refused = Family::default();
+        registry.register(
+            "tokens_signed",
+            "Tokens the signer signed (sign API and Kubernetes)",
+            tokens_signed.clone(),
+        );
+        registry.register(
+            "sign_refused",
+            "Sign requests the signer refused, by reason",
+            sign_refused.clone(),
+        );
         Metrics {
             registry,
+            tokens_signed,
+            sign_refused,
             keys,
             active_key_age,
             next_rotation,
@@ -270,6 +292,22 @@ impl Metrics {
             output: output.to_string(),
         };
         self.publish_errors.get_or_create(&labels).inc();
+    }
+
+    /// One token signed by the signer.
+    pub fn token_signed(&self, keyset: &str, alg: Alg) {
+        self.tokens_signed
+            .get_or_create(&Self::slot(keyset, alg))
+            .inc();
+    }
+
+    /// One sign request refused; `reason` is one of a fixed set of labels.
+    pub fn sign_refused(&self, keyset: &str, reason: &str) {
+        let labels = RefusalLabels {
+            keyset: keyset.to_string(),
+            reason: reason.to_string(),
+        };
+        self.sign_refused.get_or_create(&labels).inc();
     }
 
     /// SPEC C2: `missing` while a keyset's stored document is gone although

@@ -49,6 +49,9 @@ pub struct Served {
     pub offered: HashMap<String, Vec<(crate::key::Alg, String)>>,
     /// OpenID discovery routes (discovery documents, `jwks_uri` paths).
     pub routes: Arc<discovery::Routes>,
+    /// Keyset name → the signer's keys, from the same snapshot as its JWKS
+    /// (empty without a `[signer]` table).
+    pub signing: HashMap<String, Arc<crate::signer::Keyring>>,
 }
 
 impl Served {
