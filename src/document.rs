@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Timestamp;
 use crate::key::{Alg, KeyFactory, PublicJwk, SecretPem};
 
-/// Schema 2 added `ready_at` per key, `orphans` and `lost` (SPEC C2, C3).
+/// Schema 2 added `ready_at` and `longest_grace_seconds` per key, `orphans`
+/// and `lost` (SPEC C2, C3).
 /// A schema 1 document is read as schema 2 in memory (the new fields start
 /// empty) and written as 2 only at its next real change.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -114,6 +115,11 @@ pub struct StoredKey {
     /// documents written before schema 2: then the current lead applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_at: Option<Timestamp>,
+    /// The longest `retire_grace` (seconds) in effect while the key was
+    /// active (SPEC C3): a token signed under a longer `token_ttl` outlives
+    /// a later, shorter one, so the key's grace may not shrink with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_grace_seconds: Option<u64>,
     /// The self-signed certificate (DER, base64), published as `x5c`.
     pub certificate: String,
     pub private_key_pem: SecretPem,

@@ -73,6 +73,12 @@ pub enum Step {
         kid: String,
         ready_at: Timestamp,
     },
+    /// C3: a longer `retire_grace` came into effect while this key signs;
+    /// its tokens may live that long, whatever the grace is at retirement.
+    RecordGrace {
+        kid: String,
+        seconds: u64,
+    },
     /// C2: the document is gone but these public keys were published; they
     /// stay in the JWKS until their `remove_at`.
     AdoptOrphans {
@@ -242,11 +248,18 @@ impl Planner<'_> {
             .map_or(now_lead, |stored| stored.max(now_lead))
     }
 
+    /// The grace a key gets: the current one, or the longest in effect
+    /// while it was active (C3).
+    fn grace_of(&self, key: &StoredKey) -> Duration {
+        let longest = Duration::from_secs(key.longest_grace_seconds.unwrap_or(0));
+        self.retire_grace().max(longest)
+    }
+
     /// When a retired key may go: `remove_at` only grows (C3).
     fn remove_at(&self, key: &StoredKey) -> Timestamp {
         let now_grace = key
             .retired_at
-            .map(|retired| after(retired, self.retire_grace()));
+            .map(|retired| after(retired, self.grace_of(key)));
         // A retired key always has remove_at (checked when parsed).
         let stored = key.remove_at.unwrap_or(self.now);
         now_grace.map_or(stored, |grown| stored.max(grown))
@@ -701,7 +714,18 @@ impl Planner<'_> {
                         }),
                     }
                 }
-                KeyState::Active => {}
+                KeyState::Active => {
+                    let grace = self.retire_grace().as_secs();
+                    let step = Step::RecordGrace {
+                        kid: key.kid.clone(),
+                        seconds: grace,
+                    };
+                    match key.longest_grace_seconds {
+                        Some(stored) if stored >= grace => {}
+                        Some(_) => upkeep.push(step),
+                        None => legacy.push(step),
+                    }
+                }
             }
         }
         for orphan in &self.doc.orphans {
@@ -769,6 +793,7 @@ pub fn apply<E>(
                     retired_at: None,
                     remove_at: None,
                     ready_at: (*state == KeyState::Next).then(|| after(now, lead)),
+                    longest_grace_seconds: (*state == KeyState::Active).then(|| grace.as_secs()),
                     certificate: fresh.certificate,
                     private_key_pem: fresh.private_key_pem,
                 };
@@ -782,6 +807,7 @@ pub fn apply<E>(
                 if let Some(key) = doc.keys.iter_mut().find(|k| &k.kid == kid) {
                     key.state = KeyState::Active;
                     key.activated_at = Some(now);
+                    key.longest_grace_seconds = Some(grace.as_secs());
                     let key = key.clone();
                     note(doc, key.identity(), AuditEvent::Activated, *trigger, "");
                 }
@@ -790,7 +816,8 @@ pub fn apply<E>(
                 if let Some(key) = doc.keys.iter_mut().find(|k| &k.kid == kid) {
                     key.state = KeyState::Retired;
                     key.retired_at = Some(now);
-                    key.remove_at = Some(after(now, grace));
+                    let longest = Duration::from_secs(key.longest_grace_seconds.unwrap_or(0));
+                    key.remove_at = Some(after(now, grace.max(longest)));
                     let key = key.clone();
                     note(doc, key.identity(), AuditEvent::Retired, *trigger, "");
                 }
@@ -839,6 +866,11 @@ pub fn apply<E>(
                     key.remove_at = key.remove_at.max(Some(*remove_at));
                 } else if let Some(orphan) = doc.orphans.iter_mut().find(|o| &o.kid == kid) {
                     orphan.remove_at = orphan.remove_at.max(*remove_at);
+                }
+            }
+            Step::RecordGrace { kid, seconds } => {
+                if let Some(key) = doc.keys.iter_mut().find(|k| &k.kid == kid) {
+                    key.longest_grace_seconds = key.longest_grace_seconds.max(Some(*seconds));
                 }
             }
             Step::RecordReady { kid, ready_at } => {
@@ -914,7 +946,7 @@ pub fn project(
                     )
             }
             Step::Remove { .. } | Step::RemoveOrphan { .. } => true,
-            Step::ExtendRemoval { .. } => final_round,
+            Step::ExtendRemoval { .. } | Step::RecordGrace { .. } => final_round,
             _ => false,
         });
         let mut no_new_keys = |alg: Alg| -> Result<NewKey, Alg> { Err(alg) };

@@ -1201,3 +1201,21 @@ fn a_schema_1_document_is_read_and_rewritten_only_on_a_real_change() {
     let err = KeysetDoc::parse(&v1.to_string(), "default", "v3.json").unwrap_err();
     assert!(err.to_string().contains("schema version 3"), "{err}");
 }
+
+#[test]
+fn a_shorter_token_ttl_does_not_shorten_the_grace_of_a_key_that_signed_under_a_longer_one() {
+    let mut w = World::bootstrapped(with_timings("3h", "5m"));
+    let first = w.kid(Alg::ES256, KeyState::Active);
+    let long_grace = grace(&w.policy);
+    // token_ttl lowered while the key still signs: its tokens may live 3h.
+    w.policy = with_timings("1h", "5m");
+    let rotated = t0() + secs(DAY);
+    w.run(rotated, None);
+    let retired = w.find(&first).unwrap();
+    assert_eq!(retired.remove_at, Some(rotated + long_grace));
+    // The next active key signs only under the shorter ttl.
+    let second = w.kid(Alg::ES256, KeyState::Active);
+    w.run(rotated + secs(DAY), None);
+    let retired = w.find(&second).unwrap();
+    assert_eq!(retired.remove_at, Some(rotated + secs(DAY) + grace(&w.policy)));
+}

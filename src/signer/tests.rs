@@ -34,6 +34,7 @@ fn stored(alg: Alg, state: KeyState) -> StoredKey {
         retired_at: None,
         remove_at: None,
         ready_at: None,
+        longest_grace_seconds: None,
         certificate: key.certificate,
         private_key_pem: key.private_key_pem,
     }
