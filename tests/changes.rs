@@ -1258,10 +1258,6 @@ fn c5_a_replica_cut_off_follows_the_plan_fails_closed_after_max_stale_and_recove
 /// keys the cut-off replica itself retired at the scheduled instant must
 /// leave its JWKS at their remove_at too.
 #[test]
-#[ignore = "src bug: a cut-off replica re-plans the last loaded document at every pass \
-            (planner::project), so a key it retired at the scheduled instant gets \
-            retired_at = now again each time and never reaches remove_at: it stays in the \
-            JWKS until the store is back"]
 fn c5_a_cut_off_replica_drops_the_keys_it_retired_at_their_remove_at() {
     cut_off_replica(true);
 }
