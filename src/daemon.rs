@@ -100,8 +100,11 @@ struct KeysetRun {
     published: Vec<PublicJwk>,
     failures: u32,
     outlook: Vec<SlotOutlook>,
-    /// When to look again, from the last plan or projection.
+    /// When to look again: the next transition, or a retry.
     wake_at: Option<Timestamp>,
+    /// The next instant this keyset's outputs change by its plan: a store
+    /// call never runs past it (C5).
+    next_switch: Option<Timestamp>,
     failed_closed: bool,
 }
 
@@ -117,6 +120,7 @@ impl KeysetRun {
             failures: 0,
             outlook: Vec::new(),
             wake_at: None,
+            next_switch: None,
             failed_closed: false,
         }
     }
@@ -561,7 +565,7 @@ impl Daemon {
     /// the next instant its outputs must change without the store.
     async fn reconcile_all(&self, now: Timestamp) -> Vec<Result<Outcome, ReconcileError>> {
         let calls = self.keysets.values().map(|run| {
-            let deadline = [run.wake_at, run.stale_at()]
+            let deadline = [run.next_switch, run.stale_at()]
                 .into_iter()
                 .flatten()
                 .filter(|at| *at > now)
@@ -626,6 +630,7 @@ impl Daemon {
                 self.metrics.set_failed_closed(name, false);
                 run.outlook = outcome.plan.outlook.clone();
                 run.wake_at = outcome.plan.wake_at;
+                run.next_switch = outcome.plan.wake_at;
                 run.last_good = Some(outcome.snapshot.clone());
                 self.after_commit(&policy, &outcome);
                 self.metrics
@@ -655,6 +660,7 @@ impl Daemon {
                     .ok()
                     .and_then(|plan| plan.wake_at);
                 let stale_at = run.stale_at();
+                run.next_switch = plan_wake;
                 run.failed_closed = stale_at.is_some_and(|at| now >= at);
                 self.metrics.set_failed_closed(name, run.failed_closed);
                 run.wake_at = [plan_wake, stale_at.filter(|at| *at > now)]

@@ -926,6 +926,7 @@ pub fn project(
     policy: &KeysetPolicy,
 ) -> KeysetDoc {
     let mut projected = doc.clone();
+    let mut late = BTreeSet::new();
     let mut at = since.min(now);
     // Each round moves to a later wake-up or stops; the bound only guards
     // against a bug.
@@ -952,6 +953,23 @@ pub fn project(
         let mut no_new_keys = |alg: Alg| -> Result<NewKey, Alg> { Err(alg) };
         // No `Create` step is left, so no key is asked for.
         let _ = apply(&mut projected, &plan, policy, &mut no_new_keys);
+        // The others retired these keys at their own pass, a little after
+        // the scheduled instant: their remove_at is a little later. Err on
+        // the safe side by `propagation`, the bound on that lag.
+        for key in &mut projected.keys {
+            let retired_here = key.state == KeyState::Retired
+                && doc
+                    .keys
+                    .iter()
+                    .any(|old| old.kid == key.kid && old.state != KeyState::Retired)
+                && !late.contains(&key.kid);
+            if retired_here {
+                key.remove_at = key
+                    .remove_at
+                    .map(|at| after(at, policy.timings.propagation));
+                late.insert(key.kid.clone());
+            }
+        }
         match plan.wake_at {
             Some(next) if next <= now => at = next,
             _ if at < now => at = now,

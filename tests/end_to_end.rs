@@ -587,6 +587,8 @@ struct Sim {
     /// When an operator action last made a key that signs before the next
     /// scheduled rotation (see [`Sim::unscheduled_activation`]).
     last_unscheduled: Option<Timestamp>,
+    /// The `token_ttl` of keyset "second" when it was removed.
+    removed_ttl: Option<i64>,
 }
 
 impl Sim {
@@ -650,7 +652,6 @@ impl Sim {
     /// `propagation` late, each sign with every key offered.
     fn sign(&mut self, now: Timestamp) {
         let late = now - chrono::Duration::seconds(PROPAGATION);
-        let exp = now + chrono::Duration::seconds(self.settings.token_ttl);
         for replica in &self.replicas {
             if !replica.alive() {
                 continue;
@@ -660,6 +661,7 @@ impl Sim {
                     continue;
                 };
                 for (keyset, keys) in offered {
+                    let exp = now + chrono::Duration::seconds(self.token_ttl_of(keyset));
                     for (_, kid) in keys {
                         self.tokens.push(Token {
                             keyset: keyset.clone(),
@@ -670,6 +672,15 @@ impl Sim {
                     }
                 }
             }
+        }
+    }
+
+    /// The `token_ttl` a signer of `keyset` uses: a keyset removed from the
+    /// config keeps the one it had (later edits are not its).
+    fn token_ttl_of(&self, keyset: &str) -> i64 {
+        match self.removed_ttl {
+            Some(ttl) if keyset == "second" && !self.settings.second => ttl,
+            _ => self.settings.token_ttl,
         }
     }
 
@@ -841,6 +852,7 @@ impl Sim {
             }
             Op::ToggleSecond => {
                 self.settings.second = !self.settings.second;
+                self.removed_ttl = (!self.settings.second).then_some(self.settings.token_ttl);
                 self.reconfigure().await;
             }
             Op::RsaBits(bits) => {
@@ -940,6 +952,7 @@ fn run_case(ops: &[Op], settings: Settings) -> Vec<String> {
             failures: Vec::new(),
             min_vct: 0,
             last_unscheduled: None,
+            removed_ttl: None,
         };
         sim.min_vct = sim.settings.verifier_cache_ttl;
         sim.start_all().await;
