@@ -79,8 +79,6 @@ pub struct Setup {
 /// Why [`Daemon::sleep`] returned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wakeup {
-    Shutdown,
-    Hangup,
     /// The next scheduled instant, a retry, or `reconcile_interval`.
     Timer,
     StoreChanged,
@@ -97,7 +95,7 @@ struct KeysetRun {
     last_load: Option<Timestamp>,
     /// The public keys this process served (or found in `jwks_file` at
     /// start): kept published should the document go missing (C2).
-    published: Vec<PublicJwk>,
+    published: crate::planner::Published,
     failures: u32,
     outlook: Vec<SlotOutlook>,
     /// When to look again: the next transition, or a retry.
@@ -169,27 +167,36 @@ pub struct Daemon {
     /// The signer's socket servers (`[signer]`), stopped with HTTP.
     signers: Vec<tokio::task::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
-    hangups: Option<tokio::signal::unix::Signal>,
     /// OpenID discovery (routes, `discovery_file`) and S3 copies.
     extra: publish::ExtraOutputs,
 }
 
-/// Runs the daemon until `shutdown` completes.
+/// Runs the daemon until `shutdown` completes. SIGHUP reloads the config
+/// even in the middle of a pass: a store call that hangs must not delay a
+/// config change (a keyset removed stops signing within `propagation`, C1).
+/// The interrupted pass is dropped like a crash, which every step survives.
 pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let mut daemon = Daemon::start(setup).await?;
-    daemon.listen_for_hangups()?;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Signals)?;
     tokio::pin!(shutdown);
     loop {
+        let reload = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            _ = hangups.recv() => true,
+            _ = daemon.pass() => false,
+        };
+        if reload {
+            daemon.reload().await;
+            continue;
+        }
+        daemon.notify_progress();
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            _ = daemon.pass() => {}
-        }
-        daemon.notify_progress();
-        match daemon.sleep(&mut shutdown).await {
-            Wakeup::Shutdown => break,
-            Wakeup::Hangup => daemon.reload().await,
-            Wakeup::Timer | Wakeup::StoreChanged => {}
+            _ = hangups.recv() => daemon.reload().await,
+            _ = daemon.sleep() => {}
         }
     }
     daemon.stop().await;
@@ -233,7 +240,6 @@ impl Daemon {
             http: None,
             signers: Vec::new(),
             watchdog: None,
-            hangups: None,
             extra: publish::ExtraOutputs::default(),
         };
         daemon.apply_config();
@@ -269,30 +275,14 @@ impl Daemon {
         self.metrics.clone()
     }
 
-    fn listen_for_hangups(&mut self) -> Result<(), DaemonError> {
-        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(DaemonError::Signals)?;
-        self.hangups = Some(hangups);
-        Ok(())
-    }
-
-    /// Sleeps until the next scheduled instant, a retry, `reconcile_interval`,
-    /// a change of a stored document, SIGHUP or `shutdown`.
-    pub async fn sleep(&mut self, shutdown: impl Future<Output = ()>) -> Wakeup {
+    /// Sleeps until the next scheduled instant, a retry, `reconcile_interval`
+    /// or a change of a stored document. Callers race it (and the pass)
+    /// with shutdown and config reloads.
+    pub async fn sleep(&mut self) -> Wakeup {
         let store = self.reconciler.store().clone();
-        let seen = std::mem::take(&mut self.seen);
-        let hangup = async {
-            match self.hangups.as_mut() {
-                Some(hangups) => {
-                    hangups.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let seen = self.seen.clone();
         tokio::select! {
             biased;
-            _ = shutdown => Wakeup::Shutdown,
-            _ = hangup => Wakeup::Hangup,
             _ = tokio::time::sleep_until(self.wake) => Wakeup::Timer,
             keyset = store_changed(store, &seen) => {
                 tracing::debug!(%keyset, "stored document changed; reconciling now");
@@ -382,8 +372,8 @@ impl Daemon {
                 }
                 None => {
                     let mut run = KeysetRun::new(policy.clone());
-                    if run.published.is_empty() {
-                        run.published = self
+                    if run.published.keys.is_empty() {
+                        run.published.keys = self
                             .published_before
                             .get(&policy.name)
                             .cloned()
@@ -824,7 +814,10 @@ impl Daemon {
             }
         }
         if let Some(run) = self.keysets.get_mut(&policy.name) {
-            run.published = published_keys(snapshot, policy.x5c);
+            run.published = crate::planner::Published {
+                keys: published_keys(snapshot, policy.x5c),
+                longest_grace: longest_grace(snapshot),
+            };
         }
         let removed = self.keysets.get(&policy.name).is_some_and(|r| r.removed);
         let keyring = self.keyring(policy, snapshot, &offer, removed);
@@ -984,6 +977,25 @@ fn published_keys(snapshot: &Snapshot, x5c: bool) -> Vec<PublicJwk> {
         })
     });
     keys.chain(orphans).collect()
+}
+
+/// The longest grace any key of `snapshot` was given (SPEC C3): what its
+/// tokens may need, should the document be lost.
+fn longest_grace(snapshot: &Snapshot) -> Duration {
+    let keys = snapshot.doc.keys.iter().filter_map(|key| {
+        let retired = key
+            .retired_at
+            .zip(key.remove_at)
+            .and_then(|(from, to)| (to - from).to_std().ok());
+        let signed = key.longest_grace_seconds.map(Duration::from_secs);
+        retired.max(signed)
+    });
+    let orphans = snapshot
+        .doc
+        .orphans
+        .iter()
+        .filter_map(|orphan| (orphan.remove_at - orphan.retired_at).to_std().ok());
+    keys.chain(orphans).max().unwrap_or(Duration::ZERO)
 }
 
 /// Whether two documents hold the same keys in the same states.

@@ -136,6 +136,16 @@ fn after(t: Timestamp, d: Duration) -> Timestamp {
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
+/// What a keyset is known to have published, should its document be lost
+/// (SPEC C2): the public keys, and the longest `retire_grace` their tokens
+/// may need (a key keeps the longest grace in effect while it signed; the
+/// lost document took that record with it).
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub keys: Vec<PublicJwk>,
+    pub longest_grace: Duration,
+}
+
 /// Builds the plan. Never fails for the daemon (`action == None`).
 pub fn plan(
     now: Timestamp,
@@ -143,7 +153,7 @@ pub fn plan(
     policy: &KeysetPolicy,
     action: Option<&Action>,
 ) -> Result<Plan, PlanError> {
-    plan_with(now, doc, policy, action, &[])
+    plan_with(now, doc, policy, action, &Published::default())
 }
 
 /// Builds the plan; `published_before` are public keys this keyset is known
@@ -155,7 +165,7 @@ pub fn plan_with(
     doc: &KeysetDoc,
     policy: &KeysetPolicy,
     action: Option<&Action>,
-    published_before: &[PublicJwk],
+    published_before: &Published,
 ) -> Result<Plan, PlanError> {
     let mut planner = Planner {
         now,
@@ -297,12 +307,14 @@ impl Planner<'_> {
     /// C2: the document is missing, but verifiers were shown keys of this
     /// keyset. Those stay published for `retire_grace`; the keyset counts
     /// as published, so its new keys wait for `publish_lead`.
-    fn adopt_lost(&mut self, published_before: &[PublicJwk]) {
-        if published_before.is_empty() || self.doc.ever_published() {
+    fn adopt_lost(&mut self, published_before: &Published) {
+        if published_before.keys.is_empty() || self.doc.ever_published() {
             return;
         }
-        let remove_at = after(self.now, self.retire_grace());
+        let grace = self.retire_grace().max(published_before.longest_grace);
+        let remove_at = after(self.now, grace);
         let mut orphans: Vec<OrphanKey> = published_before
+            .keys
             .iter()
             .map(|jwk| OrphanKey::from_public(jwk, self.now, remove_at))
             .collect();
@@ -316,7 +328,7 @@ impl Planner<'_> {
              keeping the {} published key(s) in the JWKS until {}, publishing new keys as next \
              (active after publish_lead, {}); restore the document or accept with `keyroll rotate`",
             self.doc.keyset,
-            published_before.len(),
+            published_before.keys.len(),
             crate::clock::rfc3339(remove_at),
             humantime::format_duration(self.publish_lead()),
         ));

@@ -158,7 +158,8 @@ impl Reconciler {
         policy: &KeysetPolicy,
         action: Option<&Action>,
     ) -> Result<Outcome, ReconcileError> {
-        self.reconcile_with(policy, action, &[]).await
+        self.reconcile_with(policy, action, &planner::Published::default())
+            .await
     }
 
     /// [`Reconciler::reconcile`], knowing which public keys this keyset had
@@ -168,16 +169,17 @@ impl Reconciler {
         &self,
         policy: &KeysetPolicy,
         action: Option<&Action>,
-        published_before: &[PublicJwk],
+        published_before: &planner::Published,
     ) -> Result<Outcome, ReconcileError> {
         let mut conflicts = 0;
         loop {
             let snapshot = self.load(&policy.name).await?;
             let now = self.clock.now();
+            let nothing = planner::Published::default();
             let known = if snapshot.version.is_none() {
                 published_before
             } else {
-                &[]
+                &nothing
             };
             let plan = planner::plan_with(now, &snapshot.doc, policy, action, known)?;
             if plan.steps.is_empty() {

@@ -331,14 +331,24 @@ impl Replica {
         let (control, mut configs) = mpsc::unbounded_channel::<Config>();
         self.control = Some(control);
         self.task = Some(tokio::spawn(async move {
+            // As `daemon::run` does with SIGHUP: a config change interrupts
+            // a pass (a hung store call must not delay it) or a sleep.
             loop {
-                daemon.pass().await;
-                tokio::select! {
-                    config = configs.recv() => match config {
-                        Some(config) => daemon.reconfigure(config).await,
-                        None => return,
+                let config = tokio::select! {
+                    config = configs.recv() => Some(config),
+                    _ = daemon.pass() => None,
+                };
+                let config = match config {
+                    Some(config) => Some(config),
+                    None => tokio::select! {
+                        config = configs.recv() => Some(config),
+                        _ = daemon.sleep() => None,
                     },
-                    _ = daemon.sleep(std::future::pending::<()>()) => {}
+                };
+                match config {
+                    Some(Some(config)) => daemon.reconfigure(config).await,
+                    Some(None) => return,
+                    None => {}
                 }
             }
         }));
@@ -407,20 +417,15 @@ impl Replica {
             .map(|state| &state.offered)
     }
 
-    /// The JWKS a verifier fetching from this replica now gets.
+    /// The JWKS a verifier fetching from this replica now gets; `None`
+    /// when there is none to get (not ready, or the route answers 404: a
+    /// failed fetch, not a copy to cache).
     fn fetch(&self, keyset: &str) -> Option<BTreeSet<String>> {
         let state = self.history.last()?;
         if !state.ready || !self.alive() {
             return None;
         }
-        Some(
-            state
-                .jwks
-                .get(keyset)
-                .cloned()
-                .flatten()
-                .unwrap_or_default(),
-        )
+        state.jwks.get(keyset).cloned().flatten()
     }
 }
 
@@ -720,12 +725,11 @@ impl Sim {
                     {
                         continue;
                     }
-                    let known = state
-                        .jwks
-                        .get(&token.keyset)
-                        .and_then(|route| route.as_ref())
-                        .is_some_and(|kids| kids.contains(&token.kid));
-                    if !known {
+                    // A 404 is a failed fetch, not a copy a verifier keeps.
+                    let Some(Some(kids)) = state.jwks.get(&token.keyset) else {
+                        continue;
+                    };
+                    if !kids.contains(&token.kid) {
                         self.failures.push(format!(
                             "a copy served from {} to {until} lacks {token:?}",
                             state.from
@@ -765,6 +769,10 @@ impl Sim {
                 Some(keyroll::publish::parse_public_keys(&body))
             })
             .unwrap_or_default();
+        let published = keyroll::planner::Published {
+            keys: published,
+            longest_grace: Duration::ZERO,
+        };
         let _ = reconciler
             .reconcile_with(&policy, Some(&action), &published)
             .await;
@@ -975,6 +983,16 @@ fn run_case(ops: &[Op], settings: Settings) -> Vec<String> {
         let end = sim.now();
         let vct = sim.min_vct;
         sim.verify_every_copy(&issued, end, vct);
+        if !sim.failures.is_empty() && std::env::var_os("KEYROLL_E2E_TRACE").is_some() {
+            for (i, replica) in sim.replicas.iter().enumerate() {
+                for state in &replica.history {
+                    eprintln!(
+                        "replica {i} from {} ready {} jwks {:?} offered {:?}",
+                        state.from, state.ready, state.jwks, state.offered
+                    );
+                }
+            }
+        }
         for replica in &mut sim.replicas {
             replica.crash(end);
         }

@@ -1106,7 +1106,11 @@ fn a_lost_document_keeps_the_published_keys_and_bootstraps_nothing_at_once() {
         .collect();
     let lost_at = t0() + secs(3600);
     let empty = KeysetDoc::new("default");
-    let plan = planner::plan_with(lost_at, &empty, &w.policy, None, &published).unwrap();
+    let known = planner::Published {
+        keys: published.clone(),
+        longest_grace: Duration::ZERO,
+    };
+    let plan = planner::plan_with(lost_at, &empty, &w.policy, None, &known).unwrap();
     assert!(
         matches!(&plan.steps[0], Step::AdoptOrphans { orphans } if orphans.len() == published.len()),
         "{:?}",
@@ -1217,5 +1221,8 @@ fn a_shorter_token_ttl_does_not_shorten_the_grace_of_a_key_that_signed_under_a_l
     let second = w.kid(Alg::ES256, KeyState::Active);
     w.run(rotated + secs(DAY), None);
     let retired = w.find(&second).unwrap();
-    assert_eq!(retired.remove_at, Some(rotated + secs(DAY) + grace(&w.policy)));
+    assert_eq!(
+        retired.remove_at,
+        Some(rotated + secs(DAY) + grace(&w.policy))
+    );
 }

@@ -22,13 +22,18 @@ pub use outputs::{write_jwks_file, write_signing_dir, SIGNING_JSON};
 /// The public keys a keyset's `jwks_file` holds: should its document be
 /// missing, neither the daemon nor a CLI write may silently bootstrap it
 /// (SPEC C2).
-pub fn published_in_jwks_file(policy: &crate::config::KeysetPolicy) -> Vec<crate::key::PublicJwk> {
-    policy
+pub fn published_in_jwks_file(policy: &crate::config::KeysetPolicy) -> crate::planner::Published {
+    let keys = policy
         .jwks_file
         .as_ref()
         .and_then(|path| std::fs::read(path).ok())
         .map(|body| parse_public_keys(&body))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    crate::planner::Published {
+        keys,
+        // The file holds no timings: the current grace applies.
+        longest_grace: std::time::Duration::ZERO,
+    }
 }
 
 /// What the HTTP server serves, swapped whole on every change so a request
