@@ -570,6 +570,7 @@ struct KeysetStatus {
     next_event: Option<EventStatus>,
     /// `verifier_cache_ttl + propagation (+ relay)`, as text (`1h 1m`).
     publish_lead: String,
+    verifier_cache_ttl: String,
     retire_grace: String,
     /// SPEC C2: when the stored document was found missing after it had
     /// been published, until an operator acts (`rotate` or `revoke`).
@@ -671,6 +672,7 @@ fn keyset_status(
         next_rotation: ts(outlook.iter().filter_map(|s| s.next_rotation).min()),
         next_event,
         publish_lead: show(policy.timings.publish_lead()),
+        verifier_cache_ttl: show(policy.timings.verifier_cache_ttl),
         retire_grace: show(policy.timings.retire_grace()),
         document_lost_at: snapshot.doc.lost.as_ref().map(|l| rfc3339(l.detected_at)),
         clock_behind_seconds: plan
@@ -714,8 +716,8 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
             );
         }
         out.push_str(&format!(
-            "  publish_lead {}, retire_grace {}\n",
-            k.publish_lead, k.retire_grace
+            "  publish_lead {} (verifier_cache_ttl {}), retire_grace {}\n",
+            k.publish_lead, k.verifier_cache_ttl, k.retire_grace
         ));
         if let Some(at) = &k.document_lost_at {
             out.push_str(&format!(

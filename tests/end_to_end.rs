@@ -417,15 +417,14 @@ impl Replica {
             .map(|state| &state.offered)
     }
 
-    /// The JWKS a verifier fetching from this replica now gets; `None`
-    /// when there is none to get (not ready, or the route answers 404: a
-    /// failed fetch, not a copy to cache).
-    fn fetch(&self, keyset: &str) -> Option<BTreeSet<String>> {
+    /// What a verifier fetching this keyset's JWKS from this replica gets
+    /// now; `None` when the replica is not in the load balancer (not ready).
+    fn fetch(&self, keyset: &str) -> Option<Option<BTreeSet<String>>> {
         let state = self.history.last()?;
         if !state.ready || !self.alive() {
             return None;
         }
-        state.jwks.get(keyset).cloned().flatten()
+        Some(state.jwks.get(keyset).cloned().flatten())
     }
 }
 
@@ -458,15 +457,25 @@ struct Verifier {
 }
 
 impl Verifier {
+    /// Fetches from the next ready replica. A 404 leaves the verifier
+    /// without keys; with no replica ready it keeps what it has.
     fn fetch(&mut self, keyset: &str, now: Timestamp, replicas: &[Replica]) -> bool {
         for _ in 0..replicas.len() {
             let replica = &replicas[self.next_replica % replicas.len()];
             self.next_replica += 1;
-            if let Some(kids) = replica.fetch(keyset) {
-                self.cache.insert(keyset.to_string(), (now, kids));
-                self.last_fetch.insert(keyset.to_string(), now);
-                return true;
+            let Some(answer) = replica.fetch(keyset) else {
+                continue;
+            };
+            self.last_fetch.insert(keyset.to_string(), now);
+            match answer {
+                Some(kids) => {
+                    self.cache.insert(keyset.to_string(), (now, kids));
+                }
+                None => {
+                    self.cache.remove(keyset);
+                }
             }
+            return true;
         }
         false
     }
@@ -725,11 +734,14 @@ impl Sim {
                     {
                         continue;
                     }
-                    // A 404 is a failed fetch, not a copy a verifier keeps.
-                    let Some(Some(kids)) = state.jwks.get(&token.keyset) else {
-                        continue;
+                    // A 404 leaves a verifier that fetches it without keys
+                    // (it matters while the token is valid); a copy is
+                    // kept `verifier_cache_ttl`.
+                    let known = match state.jwks.get(&token.keyset) {
+                        Some(Some(kids)) => kids.contains(&token.kid),
+                        _ => until <= token.iat,
                     };
-                    if !kids.contains(&token.kid) {
+                    if !known {
                         self.failures.push(format!(
                             "a copy served from {} to {until} lacks {token:?}",
                             state.from

@@ -26,7 +26,7 @@ pub fn published_in_jwks_file(policy: &crate::config::KeysetPolicy) -> crate::pl
     let keys = policy
         .jwks_file
         .as_ref()
-        .and_then(|path| std::fs::read(path).ok())
+        .and_then(|path| read_small_file(path))
         .map(|body| parse_public_keys(&body))
         .unwrap_or_default();
     crate::planner::Published {
@@ -34,6 +34,22 @@ pub fn published_in_jwks_file(policy: &crate::config::KeysetPolicy) -> crate::pl
         // The file holds no timings: the current grace applies.
         longest_grace: std::time::Duration::ZERO,
     }
+}
+
+/// A regular file's bytes, if it is one and holds at most 1 MiB (a JWKS
+/// holds a few KiB): a FIFO or a device planted at the path is not read.
+fn read_small_file(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    const LIMIT: u64 = 1 << 20;
+    // Checked before opening: opening a FIFO for reading blocks.
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > LIMIT {
+        return None;
+    }
+    let file = std::fs::File::open(path).ok()?;
+    let mut body = Vec::new();
+    file.take(LIMIT).read_to_end(&mut body).ok()?;
+    Some(body)
 }
 
 /// What the HTTP server serves, swapped whole on every change so a request
