@@ -210,7 +210,7 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ConfigError> {
 fn check_paths(config: &Config) -> Result<(), ConfigError> {
     let mut problems = Vec::new();
     let check = |key: String, dir: &Path, problems: &mut Vec<Problem>| {
-        if let Err(message) = writable_dir(dir) {
+        if let Err(message) = crate::fsutil::writable_dir(dir) {
             problems.push(Problem {
                 line: None,
                 key,
@@ -325,24 +325,6 @@ fn overlapping_outputs(config: &Config) -> Vec<Problem> {
         }
     }
     problems
-}
-
-/// `dir` exists and is writable, or can be created under a writable parent.
-fn writable_dir(dir: &Path) -> Result<(), String> {
-    let mut existing = dir;
-    while !existing.exists() {
-        existing = match existing.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-    }
-    if !existing.is_dir() {
-        return Err(format!("{} is not a folder", existing.display()));
-    }
-    // Trying is the only reliable test (read-only mounts, ACLs, SELinux).
-    tempfile::tempfile_in(existing)
-        .map(drop)
-        .map_err(|e| format!("{} is not writable: {e}", existing.display()))
 }
 
 fn show(d: Duration) -> String {

@@ -100,6 +100,25 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Whether `dir` exists and is writable, or can be created under a
+/// writable parent; if not, a message for the operator naming the folder.
+pub fn writable_dir(dir: &Path) -> Result<(), String> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+    }
+    if !existing.is_dir() {
+        return Err(format!("{} is not a folder", existing.display()));
+    }
+    // Trying is the only reliable test (read-only mounts, ACLs, SELinux).
+    tempfile::tempfile_in(existing)
+        .map(drop)
+        .map_err(|e| format!("{} is not writable: {e}", existing.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

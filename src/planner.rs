@@ -805,7 +805,7 @@ pub fn apply<E>(
                     retired_at: None,
                     remove_at: None,
                     ready_at: (*state == KeyState::Next).then(|| after(now, lead)),
-                    longest_grace_seconds: (*state == KeyState::Active).then(|| grace.as_secs()),
+                    longest_grace_seconds: (*state == KeyState::Active).then_some(grace.as_secs()),
                     certificate: fresh.certificate,
                     private_key_pem: fresh.private_key_pem,
                 };

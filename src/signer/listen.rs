@@ -114,21 +114,7 @@ fn check_one(path: &Path) -> Result<(), String> {
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    let parent = parent_of(path);
-    let mut existing = parent;
-    while !existing.exists() {
-        existing = match existing.parent() {
-            Some(up) if !up.as_os_str().is_empty() => up,
-            _ => Path::new("."),
-        };
-    }
-    if !existing.is_dir() {
-        return Err(format!("{} is not a folder", existing.display()));
-    }
-    // Trying is the only reliable test (read-only mounts, ACLs, SELinux).
-    tempfile::tempfile_in(existing)
-        .map(drop)
-        .map_err(|e| format!("{} is not writable: {e}", existing.display()))
+    crate::fsutil::writable_dir(parent_of(path))
 }
 
 fn parent_of(path: &Path) -> &Path {
