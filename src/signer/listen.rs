@@ -163,11 +163,27 @@ pub(super) fn bind(
     let group = std::fs::metadata(parent)
         .map_err(|e| fail(format!("cannot read the folder's group: {e}")))?
         .gid();
-    std::os::unix::fs::chown(&staged, None, Some(group)).map_err(|e| {
-        fail(format!(
-            "cannot give the socket its folder's group {group}: {e} (keyroll must be a member of that group)"
-        ))
-    })?;
+    match std::os::unix::fs::chown(&staged, None, Some(group)) {
+        Ok(()) => {}
+        // Not a member of the folder's group, as under systemd's
+        // DynamicUser= (the runtime folder gets the user's own group): the
+        // socket keeps keyroll's primary group, the unit's Group=, which is
+        // the group signers join.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let own = std::fs::metadata(&staged).map(|m| m.gid()).ok();
+            tracing::warn!(
+                socket = %path.display(),
+                folder_group = group,
+                socket_group = ?own,
+                "keyroll is not in its folder's group: the socket keeps keyroll's own group, whose members may sign"
+            );
+        }
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot give the socket its folder's group {group}: {e}"
+            )))
+        }
+    }
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
         .map_err(|e| fail(format!("cannot set the socket's mode {mode:o}: {e}")))?;
     std::fs::rename(&staged, path)
