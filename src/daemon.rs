@@ -157,7 +157,7 @@ pub struct Daemon {
     wake: Instant,
     ready_sent: bool,
     /// Whether the store was searched for retiring keysets (once a start).
-    adopted_retiring: bool,
+    adopted_unconfigured: bool,
     /// Milliseconds since `epoch` at which the running pass started; 0
     /// between passes. Read by the watchdog.
     busy_since: Arc<AtomicU64>,
@@ -233,7 +233,7 @@ impl Daemon {
             seen: Vec::new(),
             wake: Instant::now(),
             ready_sent: false,
-            adopted_retiring: false,
+            adopted_unconfigured: false,
             busy_since: Arc::new(AtomicU64::new(0)),
             epoch: StdInstant::now(),
             stop_http,
@@ -474,8 +474,8 @@ impl Daemon {
         self.seen = self.fingerprints().await;
         let started = self.epoch.elapsed().as_millis().max(1) as u64;
         self.busy_since.store(started, Ordering::Relaxed);
-        if !self.adopted_retiring {
-            self.adopted_retiring = self.adopt_retiring().await;
+        if !self.adopted_unconfigured {
+            self.adopted_unconfigured = self.adopt_unconfigured().await;
         }
         let now = self.clock.now();
         // A scheduled switch never waits for the store: outputs follow the
@@ -501,12 +501,13 @@ impl Daemon {
         self.wake = self.next_wake();
     }
 
-    /// SPEC C1 across restarts: a keyset removed from the config while an
-    /// earlier process ran keeps its JWKS until its last `remove_at`. Only
-    /// documents already retiring (no active or next key) are taken up, so
-    /// another deployment's keysets sharing the store are never touched.
+    /// SPEC C1 across restarts: a keyset in the store that the config does
+    /// not name was removed from the config, whether by a SIGHUP an earlier
+    /// process saw or by an edit and a restart. It retires like any removed
+    /// keyset and keeps its JWKS until its last `remove_at`. A store (a
+    /// folder, a secret prefix) therefore belongs to one deployment.
     /// Returns whether the store could be searched.
-    async fn adopt_retiring(&mut self) -> bool {
+    async fn adopt_unconfigured(&mut self) -> bool {
         let Some(template) = self.config.keysets.first().cloned() else {
             return true;
         };
@@ -529,12 +530,14 @@ impl Daemon {
                 continue;
             };
             let doc = &snapshot.doc;
-            let retiring = doc.keys.iter().all(|key| key.state == KeyState::Retired)
-                && (!doc.keys.is_empty() || !doc.orphans.is_empty());
-            if !retiring {
+            if doc.keys.is_empty() && doc.orphans.is_empty() {
                 continue;
             }
-            tracing::info!(keyset = %name, "keyset not in the config and still retiring: serving its JWKS until the last remove_at");
+            tracing::warn!(
+                keyset = %name,
+                document = %self.reconciler.store().location(&name),
+                "keyset in the store but not in the config: retiring its keys, serving its JWKS until the last remove_at; signers get no key"
+            );
             // Its outputs other than the HTTP route are unknown now.
             let policy = KeysetPolicy {
                 name: name.clone(),
