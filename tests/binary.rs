@@ -256,9 +256,9 @@ fn scheduled_rotations_never_break_an_independent_verifier() {
                 (rank(&a.state), &a.alg, &a.kid).cmp(&(rank(&b.state), &b.alg, &b.kid))
             });
             let want: Vec<String> = ordered.into_iter().map(|r| r.kid).collect();
-            (served == want)
-                .then_some(())
-                .ok_or(format!("JWKS order {served:?}, the store's states want {want:?}"))
+            (served == want).then_some(()).ok_or(format!(
+                "JWKS order {served:?}, the store's states want {want:?}"
+            ))
         };
         if in_order(&rows, &served.body).is_err() {
             daemon.until(
