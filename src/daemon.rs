@@ -834,12 +834,27 @@ impl Daemon {
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.
         let failed_closed = match &offer {
-            Offer::Withheld(why) if !self.keysets.get(&policy.name).is_some_and(|r| r.removed) => {
-                Some(why.clone())
-            }
+            Offer::Withheld(why) if !removed => Some(why.clone()),
             _ => None,
         };
         let name = policy.name.clone();
+        // Requests read the snapshot; swap it only when this keyset's part
+        // of it changed (a steady pass changes nothing).
+        let current = self.served.load();
+        let unchanged = current
+            .keysets
+            .get(&name)
+            .is_some_and(|c| c.body == jwks.body && c.max_age_seconds == max_age)
+            && current.failed_closed.get(&name) == failed_closed.as_ref()
+            && current.offered.get(&name) == Some(&offered)
+            && match (current.signing.get(&name), &keyring) {
+                (Some(before), Some(now)) => Arc::ptr_eq(before, now),
+                (before, now) => before.is_none() && now.is_none(),
+            };
+        drop(current);
+        if unchanged {
+            return;
+        }
         self.served.rcu(|current| {
             let mut keysets = current.keysets.clone();
             let changed = keysets
