@@ -1568,8 +1568,8 @@ fn libfaketime() -> Option<PathBuf> {
     match (on_path, library) {
         (true, Some(library)) => Some(library),
         _ => {
-            eprintln!(
-                "skipped: faketime is not installed (Debian package `faketime`; scripts/test installs it)"
+            support::skipped(
+                "faketime is not installed (Debian package `faketime`; scripts/test installs it)",
             );
             None
         }

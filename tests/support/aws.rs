@@ -19,8 +19,8 @@ pub fn endpoint() -> Option<String> {
     match std::env::var("KEYROLL_TEST_AWS_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
         _ => {
-            eprintln!(
-                "skipped: no AWS emulator (KEYROLL_TEST_AWS_ENDPOINT unset; scripts/test starts one)"
+            super::skipped(
+                "no AWS emulator (KEYROLL_TEST_AWS_ENDPOINT unset; scripts/test starts one)",
             );
             None
         }
@@ -120,7 +120,10 @@ pub fn moto_server() -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("skipped: no moto_server at {}", path.display());
+        super::skipped(&format!(
+            "no moto_server at {} (KEYROLL_TEST_MOTO_SERVER; scripts/test installs it)",
+            path.display()
+        ));
         None
     }
 }

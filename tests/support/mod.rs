@@ -14,6 +14,56 @@ use keyroll::key::{Alg, KeyError, KeyFactory, NewKey, PublicJwk, SecretPem};
 /// Prefix of every fake private key: a JWKS that contains it leaks key material.
 pub const FAKE_PEM_PREFIX: &str = "fake-private-";
 
+/// Records that the running test cannot run here (`reason`: what is missing
+/// and what provides it), so a skip is never mistaken for a pass.
+///
+/// The note goes to stderr and, when `scripts/test` set
+/// `KEYROLL_TEST_SKIP_LOG`, to that file, which its summary counts as
+/// skipped and lists. With `KEYROLL_TEST_REQUIRE_ALL=1` (set by
+/// `scripts/test` once it has started the emulator and installed faketime,
+/// so in CI) a skip fails the test instead: everything must run there.
+pub fn skipped(reason: &str) {
+    // "s3::objects_are_put_back": the test binary (its name less cargo's
+    // hash) and the test, as libtest names the test's thread.
+    let binary = std::env::args()
+        .next()
+        .and_then(|path| {
+            let stem = std::path::Path::new(&path)
+                .file_stem()?
+                .to_str()?
+                .to_string();
+            Some(
+                stem.rsplit_once('-')
+                    .map_or(stem.clone(), |(name, _)| name.to_string()),
+            )
+        })
+        .unwrap_or_default();
+    let test = format!(
+        "{binary}::{}",
+        std::thread::current().name().unwrap_or("an unnamed test")
+    );
+    if std::env::var("KEYROLL_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
+        panic!("{test} cannot run: {reason} (KEYROLL_TEST_REQUIRE_ALL=1 forbids skipping)");
+    }
+    eprintln!("skipped: {test}: {reason}");
+    if let Some(log) = std::env::var_os("KEYROLL_TEST_SKIP_LOG") {
+        use std::io::Write;
+        let line = format!("{test}: {reason}\n");
+        // O_APPEND: test threads and processes write whole lines.
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            panic!(
+                "cannot record the skip in {}: {e}",
+                std::path::Path::new(&log).display()
+            );
+        }
+    }
+}
+
 /// A fixed, readable starting instant.
 pub fn t0() -> Timestamp {
     chrono::Utc.with_ymd_and_hms(2030, 1, 7, 12, 0, 0).unwrap()
