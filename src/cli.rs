@@ -225,7 +225,10 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
         let folder_ok = first.is_ok();
         check("store.dir".into(), first);
         for keyset in config.keysets.iter().filter(|_| folder_ok) {
-            for name in [format!("{}.json", keyset.name), format!(".{}.lock", keyset.name)] {
+            for name in [
+                format!("{}.json", keyset.name),
+                format!(".{}.lock", keyset.name),
+            ] {
                 check("store.dir".into(), check_output_file(&dir.join(name)));
             }
         }

@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 pub enum FsError {
     #[error(
         "{path} is a symbolic link (to {target}): keyroll never reads or writes through a link \
-         at a file it owns; remove the link"
+         at a file it writes; remove the link"
     )]
     Symlink { path: String, target: String },
     #[error(
@@ -65,7 +65,9 @@ pub enum FsError {
          root: someone else may have planted it, so keyroll does not follow it"
     )]
     UntrustedLink { path: String, owner: u32, ours: u32 },
-    #[error("{path}: {existing} is a {fs} filesystem, which shows kernel state and takes no files")]
+    #[error(
+        "{path}: {existing} is a {fs} filesystem, which shows kernel state and takes no files"
+    )]
     KernelFs {
         path: String,
         existing: String,
@@ -264,7 +266,8 @@ impl Dir {
             Err(e) => return Err(FsError::io("open", &self.file_path(name), e)),
         };
         // Swapped between the look and the open: judged again on the handle.
-        let stat = rustix::fs::fstat(&fd).map_err(|e| FsError::io("inspect", &self.file_path(name), e))?;
+        let stat =
+            rustix::fs::fstat(&fd).map_err(|e| FsError::io("inspect", &self.file_path(name), e))?;
         let stat = self.regular(name, stat)?;
         let hint = usize::try_from(stat.st_size).unwrap_or(usize::MAX);
         let bytes = read_bounded(&mut File::from(fd), hint, limit)
@@ -337,7 +340,8 @@ impl Dir {
             Err(Errno::LOOP) => return Err(self.symlink_error(name)),
             Err(e) => return Err(FsError::io("open the lock file", &self.file_path(name), e)),
         };
-        let stat = rustix::fs::fstat(&fd).map_err(|e| FsError::io("inspect", &self.file_path(name), e))?;
+        let stat =
+            rustix::fs::fstat(&fd).map_err(|e| FsError::io("inspect", &self.file_path(name), e))?;
         self.regular(name, stat)?;
         Ok(File::from(fd))
     }
@@ -515,7 +519,10 @@ fn split(path: &Path) -> Result<(&Path, &str), FsError> {
         .ok_or_else(|| FsError::Io {
             action: "use",
             path: path.display().to_string(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name keyroll can use"),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a file name keyroll can use",
+            ),
         })?;
     Ok((parent_dir(path), name))
 }
@@ -568,8 +575,7 @@ pub fn parent_dir(path: &Path) -> &Path {
 /// writable parent, under the folder rules; if not, why, naming the folder.
 pub fn writable_dir(dir: &Path) -> Result<(), FsError> {
     let mut existing = dir;
-    while matches!(fs::symlink_metadata(existing), Err(e) if e.kind() == io::ErrorKind::NotFound)
-    {
+    while matches!(fs::symlink_metadata(existing), Err(e) if e.kind() == io::ErrorKind::NotFound) {
         existing = parent_dir(existing);
     }
     let opened = Dir::open(existing)?;
@@ -678,7 +684,10 @@ mod tests {
             );
         }
         assert_eq!(fs::read(&decoy).unwrap(), b"decoy");
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         // A dangling link is not created through either.
         let dangling = dir.path().join("gone");
         std::os::unix::fs::symlink(&dangling, dir.path().join("lock")).unwrap();
@@ -743,7 +752,10 @@ mod tests {
         assert!(check_link(p, 0, 999).is_ok());
         assert!(check_link(p, 999, 999).is_ok());
         let message = check_link(p, 65534, 999).unwrap_err().to_string();
-        assert!(message.contains("symbolic link owned by uid 65534"), "{message}");
+        assert!(
+            message.contains("symbolic link owned by uid 65534"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -760,14 +772,19 @@ mod tests {
         let message = write_if_changed(&shared.join("jwks.json"), b"x", 0o644)
             .unwrap_err()
             .to_string();
-        assert!(message.contains("world-writable and owned by uid 65534"), "{message}");
+        assert!(
+            message.contains("world-writable and owned by uid 65534"),
+            "{message}"
+        );
         assert!(writable_dir(&shared.join("below")).is_err());
         assert_eq!(fs::read_dir(&shared).unwrap().count(), 0);
     }
 
     #[test]
     fn nothing_can_be_made_under_proc_and_the_error_says_why() {
-        let message = writable_dir(Path::new("/proc/keyroll")).unwrap_err().to_string();
+        let message = writable_dir(Path::new("/proc/keyroll"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             message,
             "/proc/keyroll: /proc is a proc filesystem, which shows kernel state and takes no files"

@@ -118,15 +118,17 @@ fn a_link_or_fifo_planted_at_any_output_or_store_file_is_refused_before_start() 
     for (key, at) in &locations {
         // Into the store folder: the document with every private key, or
         // (for the document itself) another file beside it.
-        let into_store = if *at == document { &elsewhere } else { &document };
+        let into_store = if *at == document {
+            &elsewhere
+        } else {
+            &document
+        };
         for plant in [Plant::Link(into_store), Plant::Link(passwd), Plant::Fifo] {
             let saved = fs::read(at).ok();
             plant.put(at);
             // validate and run refuse the config, naming its key.
-            let mut outs: Vec<(Out, i32, &str)> = vec![
-                (sb.cli(&["validate"]), 2, key),
-                (sb.cli(&["run"]), 2, key),
-            ];
+            let mut outs: Vec<(Out, i32, &str)> =
+                vec![(sb.cli(&["validate"]), 2, key), (sb.cli(&["run"]), 2, key)];
             // A command that writes the store meets the plant in the store
             // itself (never run against a link to /etc/passwd).
             if key == &"store.dir" && !matches!(plant, Plant::Link(p) if p == passwd) {
@@ -157,7 +159,11 @@ fn a_link_or_fifo_planted_at_any_output_or_store_file_is_refused_before_start() 
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
-    assert_eq!(fingerprint(&document).0, document_before.0, "the document changed");
+    assert_eq!(
+        fingerprint(&document).0,
+        document_before.0,
+        "the document changed"
+    );
     assert_eq!(fingerprint(passwd), passwd_before, "/etc/passwd changed");
     assert_eq!(fs::read(&elsewhere).unwrap(), document_before.0);
     assert!(!jwks.exists(), "jwks_file was written");
@@ -188,8 +194,15 @@ fn links_and_fifos_planted_under_a_running_daemon_are_errors_and_http_keeps_serv
     Plant::Link(&decoy).put(&jwks);
     Plant::Link(&pem_target).put(&pem);
     let document_before = fs::read(&document).unwrap();
-    for (output, at, target) in [("jwks_file", &jwks, &decoy), ("signing_dir", &pem, &pem_target)] {
-        let line = format!("{} is a symbolic link (to {})", at.display(), target.display());
+    for (output, at, target) in [
+        ("jwks_file", &jwks, &decoy),
+        ("signing_dir", &pem, &pem_target),
+    ] {
+        let line = format!(
+            "{} is a symbolic link (to {})",
+            at.display(),
+            target.display()
+        );
         daemon.until(&format!("an ERROR about {output}"), LONG, || {
             let log = log();
             let counted = metric(
@@ -198,7 +211,9 @@ fn links_and_fifos_planted_under_a_running_daemon_are_errors_and_http_keeps_serv
                 &[("keyset", "default"), ("output", output)],
             )
             .unwrap_or(0.0);
-            (log.lines().any(|l| l.contains("ERROR") && l.contains(&line)) && counted >= 1.0)
+            (log.lines()
+                .any(|l| l.contains("ERROR") && l.contains(&line))
+                && counted >= 1.0)
                 .then_some(())
                 .ok_or_else(|| format!("{output} errors counted: {counted}"))
         });
@@ -229,7 +244,11 @@ fn links_and_fifos_planted_under_a_running_daemon_are_errors_and_http_keeps_serv
     let copy_before = fs::read(&copy).unwrap();
     Plant::Link(&copy).put(&document);
     daemon.until("an ERROR about the store document", LONG, || {
-        let line = format!("{} is a symbolic link (to {})", document.display(), copy.display());
+        let line = format!(
+            "{} is a symbolic link (to {})",
+            document.display(),
+            copy.display()
+        );
         log()
             .lines()
             .any(|l| l.contains("ERROR") && l.contains(&line))
@@ -237,7 +256,10 @@ fn links_and_fifos_planted_under_a_running_daemon_are_errors_and_http_keeps_serv
             .ok_or_else(|| "not yet".to_string())
     });
     let served = get_ok(&sb.url("/.well-known/jwks.json")).unwrap().body;
-    assert!(!common::jwks_kids(&served).is_empty(), "HTTP serves the last JWKS");
+    assert!(
+        !common::jwks_kids(&served).is_empty(),
+        "HTTP serves the last JWKS"
+    );
     get_ok(&sb.url("/healthz")).unwrap();
     assert_eq!(fs::read(&copy).unwrap(), copy_before);
     assert!(Plant::Link(&copy).still_there(&document));
@@ -272,7 +294,10 @@ fn a_world_writable_folder_of_another_user_is_refused() {
     fs::create_dir(&shared).unwrap();
     std::os::unix::fs::chown(&shared, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
-    let extra = outputs(Some(&shared.join("jwks.json")), Some(&shared.join("signing")));
+    let extra = outputs(
+        Some(&shared.join("jwks.json")),
+        Some(&shared.join("signing")),
+    );
     sb.write_config(&keyset_block("default", &["ES256"], STEADY, &extra));
     let reason = format!(
         "{} is group- and world-writable and owned by uid 65534",
@@ -285,7 +310,11 @@ fn a_world_writable_folder_of_another_user_is_refused() {
             &reason,
         ]);
     }
-    assert_eq!(fs::read_dir(&shared).unwrap().count(), 0, "something was written");
+    assert_eq!(
+        fs::read_dir(&shared).unwrap().count(),
+        0,
+        "something was written"
+    );
     // Root's own 0777 folder (like a Kubernetes emptyDir) is accepted.
     std::os::unix::fs::chown(&shared, Some(0), Some(0)).unwrap();
     sb.cli(&["validate"]).ok();
@@ -313,8 +342,14 @@ fn assert_not_dumpable(pid: u32, label: &str) {
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .expect("an effective uid");
-    assert_ne!(uid, "0", "{label} must run as another user than root for this check");
-    assert_eq!(owner, 0, "{label} (uid {uid}) is dumpable: {status} belongs to uid {owner}");
+    assert_ne!(
+        uid, "0",
+        "{label} must run as another user than root for this check"
+    );
+    assert_eq!(
+        owner, 0,
+        "{label} (uid {uid}) is dumpable: {status} belongs to uid {owner}"
+    );
 }
 
 /// As root, commands run as nobody (uid 65534) in a sandbox it owns.
@@ -335,7 +370,11 @@ fn no_core_dump_can_hold_a_key_in_the_daemon_or_a_cli_command() {
     let sb = Sandbox::new();
     let socket = sb.path("sign.sock");
     let keysets = keyset_block("default", &["ES256"], STEADY, "");
-    let text = format!("{}{keysets}\n[signer]\nsocket = '{}'\n", sb.head(), socket.display());
+    let text = format!(
+        "{}{keysets}\n[signer]\nsocket = '{}'\n",
+        sb.head(),
+        socket.display()
+    );
     fs::write(sb.config_path(), text).unwrap();
 
     let mut cmd = sb.command();

@@ -92,10 +92,7 @@ pub fn check_socket_paths(config: &Config) -> Vec<Problem> {
             .iter()
             .find(|(_, p)| std::path::absolute(p).ok().as_deref() == Some(&absolute))
         {
-            refuse(SocketError::Shared {
-                path: shown,
-                other,
-            });
+            refuse(SocketError::Shared { path: shown, other });
         } else if let Some((other, _)) = others.iter().find(|(_, p)| absolute.starts_with(p)) {
             refuse(SocketError::InsideOutput {
                 path: shown,
@@ -191,7 +188,10 @@ pub(super) fn bind(
     // A folder keyroll creates is traversable by all: the socket's own
     // mode and group decide who may connect.
     let dir = Dir::create(parent, 0o755).map_err(|e| fail(e.into()))?;
-    let name = path.file_name().unwrap_or(path.as_os_str()).to_string_lossy();
+    let name = path
+        .file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy();
     if socket_or_nothing(&dir, Path::new(&*name), path)
         .map_err(fail)?
         .is_some()
@@ -211,8 +211,7 @@ pub(super) fn bind(
         .tempdir_in(dir.path())
         .map_err(|e| fail(SocketError::io("create a temporary folder beside it")(e)))?;
     let staged = private.path().join("s");
-    let listener =
-        UnixListener::bind(&staged).map_err(|e| fail(SocketError::io("listen")(e)))?;
+    let listener = UnixListener::bind(&staged).map_err(|e| fail(SocketError::io("listen")(e)))?;
     let group = std::fs::metadata(dir.path())
         .map_err(|e| fail(SocketError::io("read the folder's group")(e)))?
         .gid();
@@ -232,7 +231,9 @@ pub(super) fn bind(
             );
         }
         Err(e) => {
-            return Err(fail(SocketError::io("give the socket its folder's group")(e)));
+            return Err(fail(SocketError::io("give the socket its folder's group")(
+                e,
+            )));
         }
     }
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
