@@ -213,6 +213,13 @@ impl Dir {
         &self.path
     }
 
+    /// The folder's group, read from the open handle.
+    pub fn group(&self) -> Result<u32, FsError> {
+        rustix::fs::fstat(&self.fd)
+            .map(|stat| stat.st_gid)
+            .map_err(|e| FsError::io("inspect", &self.path, e))
+    }
+
     fn file_path(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }

@@ -9,7 +9,8 @@
 //! - the same planted under a running daemon is an ERROR in the log and in
 //!   `keyroll_publish_errors_total`, never a hang, and HTTP keeps serving
 //!   while rotations carry on;
-//! - a world-writable folder of another user is refused (as root);
+//! - a world-writable folder of another user, or a link on a folder path
+//!   that another user owns, is refused (as root);
 //! - the daemon and a CLI command run with a core size limit of 0 and are
 //!   not dumpable.
 //!
@@ -284,7 +285,7 @@ fn running_as_root() -> bool {
 }
 
 #[test]
-fn a_world_writable_folder_of_another_user_is_refused() {
+fn another_users_world_writable_folder_or_folder_link_is_refused() {
     if !running_as_root() {
         eprintln!("skipped: only root can give a folder to another user (fsutil's unit tests cover the rule)");
         return;
@@ -317,6 +318,30 @@ fn a_world_writable_folder_of_another_user_is_refused() {
     );
     // Root's own 0777 folder (like a Kubernetes emptyDir) is accepted.
     std::os::unix::fs::chown(&shared, Some(0), Some(0)).unwrap();
+    sb.cli(&["validate"]).ok();
+
+    // A link on a folder path is followed only if keyroll's user or root
+    // made it: one owned by another user is refused, whatever it points to.
+    let real = sb.path("real");
+    fs::create_dir(&real).unwrap();
+    let link = sb.path("planted");
+    symlink(&real, &link);
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let extra = outputs(None, Some(&link));
+    sb.write_config(&keyset_block("default", &["ES256"], STEADY, &extra));
+    let reason = format!("{} is a symbolic link owned by uid 65534", link.display());
+    for command in ["validate", "run"] {
+        sb.cli(&[command])
+            .exits(2)
+            .stderr_has(&["keysets[default].signing_dir", &reason]);
+    }
+    assert_eq!(
+        fs::read_dir(&real).unwrap().count(),
+        0,
+        "something was written"
+    );
+    // The same link made by root is the operator's: followed.
+    std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
     sb.cli(&["validate"]).ok();
 }
 

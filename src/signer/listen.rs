@@ -212,9 +212,7 @@ pub(super) fn bind(
         .map_err(|e| fail(SocketError::io("create a temporary folder beside it")(e)))?;
     let staged = private.path().join("s");
     let listener = UnixListener::bind(&staged).map_err(|e| fail(SocketError::io("listen")(e)))?;
-    let group = std::fs::metadata(dir.path())
-        .map_err(|e| fail(SocketError::io("read the folder's group")(e)))?
-        .gid();
+    let group = dir.group().map_err(|e| fail(e.into()))?;
     match std::os::unix::fs::chown(&staged, None, Some(group)) {
         Ok(()) => {}
         // Not a member of the folder's group, as under systemd's
