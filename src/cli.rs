@@ -204,22 +204,34 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ConfigError> {
     }
 }
 
-/// Checks that every path keyroll writes can be written, as this user: a
-/// config that parses but points at a read-only place fails now, not at the
-/// first rotation.
+/// Checks that every path keyroll writes can be written, as this user, and
+/// safely (`fsutil`: no link, FIFO or device at a file, no folder others
+/// may write): a config that parses but points at a read-only or unsafe
+/// place fails now, not at the first rotation. Writes nothing.
 fn check_paths(config: &Config) -> Result<(), ConfigError> {
+    use crate::fsutil::{check_output_file, writable_dir};
     let mut problems = Vec::new();
-    let check = |key: String, dir: &Path, problems: &mut Vec<Problem>| {
-        if let Err(message) = crate::fsutil::writable_dir(dir) {
+    let mut check = |key: String, result: Result<(), crate::fsutil::FsError>| {
+        if let Err(e) = result {
             problems.push(Problem {
                 line: None,
                 key,
-                message,
+                message: e.to_string(),
             });
         }
     };
     if let StoreSettings::File { dir } = &config.store {
-        check("store.dir".into(), dir, &mut problems);
+        let first = writable_dir(dir);
+        let folder_ok = first.is_ok();
+        check("store.dir".into(), first);
+        for keyset in config.keysets.iter().filter(|_| folder_ok) {
+            for name in [
+                format!("{}.json", keyset.name),
+                format!(".{}.lock", keyset.name),
+            ] {
+                check("store.dir".into(), check_output_file(&dir.join(name)));
+            }
+        }
     }
     for keyset in &config.keysets {
         let discovery_file = keyset.discovery.as_ref().and_then(|d| d.file.as_ref());
@@ -227,28 +239,23 @@ fn check_paths(config: &Config) -> Result<(), ConfigError> {
             ("jwks_file", keyset.jwks_file.as_ref()),
             ("discovery_file", discovery_file),
         ] {
-            let Some(file) = file else { continue };
-            let key = format!("keysets[{}].{field}", keyset.name);
-            if file.is_dir() {
-                problems.push(Problem {
-                    line: None,
-                    key,
-                    message: format!("{} is a folder, not a file", file.display()),
-                });
-                continue;
+            if let Some(file) = file {
+                let key = format!("keysets[{}].{field}", keyset.name);
+                check(key, check_output_file(file));
             }
-            let parent = file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            check(key, parent, &mut problems);
         }
         if let Some(dir) = &keyset.signing_dir {
-            check(
-                format!("keysets[{}].signing_dir", keyset.name),
-                dir,
-                &mut problems,
-            );
+            let key = format!("keysets[{}].signing_dir", keyset.name);
+            let first = writable_dir(dir);
+            let folder_ok = first.is_ok();
+            check(key.clone(), first);
+            let names = crate::key::Alg::ALL
+                .iter()
+                .flat_map(|alg| [format!("{alg}.pem"), format!("{alg}.kid")])
+                .chain([publish::SIGNING_JSON.to_string()]);
+            for name in names.filter(|_| folder_ok) {
+                check(key.clone(), check_output_file(&dir.join(name)));
+            }
         }
     }
     problems.extend(overlapping_outputs(config));

@@ -2,7 +2,6 @@
 //! per algorithm `<ALG>.pem` and `<ALG>.kid`, and `signing.json`), each
 //! replaced atomically and only when its content changes.
 
-use std::io;
 use std::path::Path;
 
 use serde::Serialize;
@@ -16,8 +15,8 @@ pub const SIGNING_JSON: &str = "signing.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    #[error("cannot write {path}: {source}")]
-    Io { path: String, source: io::Error },
+    #[error(transparent)]
+    File(#[from] fsutil::FsError),
     #[error("cannot read the active {alg} key for {path}: {source}")]
     Key {
         path: String,
@@ -26,19 +25,12 @@ pub enum OutputError {
     },
 }
 
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
-    move |source| OutputError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 /// Returns whether the file changed.
 pub fn write_jwks_file(path: &Path, body: &[u8]) -> Result<bool, OutputError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fsutil::ensure_dir(parent, 0o755).map_err(io_error(parent))?;
+        fsutil::ensure_dir(parent, 0o755)?;
     }
-    fsutil::write_if_changed(path, body, 0o644).map_err(io_error(path))
+    Ok(fsutil::write_if_changed(path, body, 0o644)?)
 }
 
 #[derive(Serialize)]
@@ -52,19 +44,15 @@ struct SigningKeys<'a> {
 /// Files of algorithms with no active key are removed. Returns whether
 /// anything changed.
 pub fn write_signing_dir(dir: &Path, doc: &KeysetDoc) -> Result<bool, OutputError> {
-    fsutil::ensure_dir(dir, 0o700).map_err(io_error(dir))?;
+    let folder = fsutil::Dir::create(dir, 0o700)?;
     let mut changed = false;
     let mut private_jwks = Vec::new();
     for alg in Alg::ALL {
-        let pem_path = dir.join(format!("{alg}.pem"));
-        let kid_path = dir.join(format!("{alg}.kid"));
+        let (pem_name, kid_name) = (format!("{alg}.pem"), format!("{alg}.kid"));
+        let pem_path = dir.join(&pem_name);
         let Some(key) = doc.key(alg, KeyState::Active) else {
-            for stale in [&pem_path, &kid_path] {
-                match std::fs::remove_file(stale) {
-                    Ok(()) => changed = true,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_error(stale)(e)),
-                }
+            for stale in [&pem_name, &kid_name] {
+                changed |= folder.remove(stale)?;
             }
             continue;
         };
@@ -76,10 +64,8 @@ pub fn write_signing_dir(dir: &Path, doc: &KeysetDoc) -> Result<bool, OutputErro
             })?;
         private_jwks.push(PrivateJwk::from_private(&parsed));
         changed |=
-            fsutil::write_if_changed(&pem_path, key.private_key_pem.expose().as_bytes(), 0o600)
-                .map_err(io_error(&pem_path))?;
-        changed |= fsutil::write_if_changed(&kid_path, key.kid.as_bytes(), 0o600)
-            .map_err(io_error(&kid_path))?;
+            folder.write_if_changed(&pem_name, key.private_key_pem.expose().as_bytes(), 0o600)?;
+        changed |= folder.write_if_changed(&kid_name, key.kid.as_bytes(), 0o600)?;
     }
     let json = Zeroizing::new(
         serde_json::to_vec(&SigningKeys {
@@ -87,7 +73,6 @@ pub fn write_signing_dir(dir: &Path, doc: &KeysetDoc) -> Result<bool, OutputErro
         })
         .expect("private JWKs always serialize"),
     );
-    let json_path = dir.join(SIGNING_JSON);
-    changed |= fsutil::write_if_changed(&json_path, &json, 0o600).map_err(io_error(&json_path))?;
+    changed |= folder.write_if_changed(SIGNING_JSON, &json, 0o600)?;
     Ok(changed)
 }

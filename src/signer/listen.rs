@@ -2,19 +2,54 @@
 //! missing folder is created; a stale socket left by a crash is replaced;
 //! any other file at the path, or a parent that is not a folder, is refused
 //! and never deleted. The socket gets `socket_mode` and its folder's group,
-//! so the folder's group decides who may sign.
+//! so the folder's group decides who may sign. The folder follows the
+//! rules of [`crate::fsutil`], and the socket is replaced and removed
+//! relative to the folder's handle, never through a link.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
 
 use super::SignerError;
 use crate::config::{Config, Problem};
+use crate::fsutil::{self, Dir, FsError};
 
 /// `sun_path` holds 108 bytes on Linux, the terminating NUL included.
 const MAX_SOCKET_PATH: usize = 107;
+
+/// Why a socket path is refused or cannot be listened on.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{path} is {len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}")]
+    TooLong { path: String, len: usize },
+    #[error(
+        "{path} exists and is not a socket ({kind}); keyroll never deletes it: remove it or \
+         choose another path"
+    )]
+    NotASocket { path: String, kind: &'static str },
+    #[error("{path} is also signer.{other}: each socket needs its own path")]
+    Shared { path: String, other: &'static str },
+    #[error("{path} is inside {other}, which keyroll writes: give the socket its own path")]
+    InsideOutput { path: String, other: String },
+    #[error("another process is listening on this socket (is keyroll already running?)")]
+    InUse,
+    #[error(transparent)]
+    Folder(#[from] FsError),
+    #[error("cannot {action}: {source}")]
+    Io {
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SocketError {
+    fn io(action: &'static str) -> impl FnOnce(io::Error) -> SocketError {
+        move |source| SocketError::Io { action, source }
+    }
+}
 
 /// The socket paths of `config` with their config keys.
 fn socket_paths(config: &Config) -> Vec<(&'static str, &Path)> {
@@ -40,31 +75,29 @@ pub fn check_socket_paths(config: &Config) -> Vec<Problem> {
     let paths = socket_paths(config);
     let others = other_outputs(config);
     for (index, (key, path)) in paths.iter().enumerate() {
-        let mut refuse = |message: String| {
+        let mut refuse = |error: SocketError| {
             problems.push(Problem {
                 line: None,
                 key: format!("signer.{key}"),
-                message,
+                message: error.to_string(),
             })
         };
-        if let Err(message) = check_one(path) {
-            refuse(message);
+        if let Err(error) = check_one(path) {
+            refuse(error);
             continue;
         }
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let shown = path.display().to_string();
         if let Some((other, _)) = paths[..index]
             .iter()
             .find(|(_, p)| std::path::absolute(p).ok().as_deref() == Some(&absolute))
         {
-            refuse(format!(
-                "{} is also signer.{other}: each socket needs its own path",
-                path.display()
-            ));
+            refuse(SocketError::Shared { path: shown, other });
         } else if let Some((other, _)) = others.iter().find(|(_, p)| absolute.starts_with(p)) {
-            refuse(format!(
-                "{} is inside {other}, which keyroll writes: give the socket its own path",
-                path.display()
-            ));
+            refuse(SocketError::InsideOutput {
+                path: shown,
+                other: other.clone(),
+            });
         }
     }
     problems
@@ -94,33 +127,48 @@ fn other_outputs(config: &Config) -> Vec<(String, PathBuf)> {
     outputs
 }
 
-fn check_one(path: &Path) -> Result<(), String> {
+fn check_one(path: &Path) -> Result<(), SocketError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(format!(
-            "{} is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
-            path.display(),
-            path.as_os_str().len()
-        ));
+        return Err(SocketError::TooLong {
+            path: path.display().to_string(),
+            len: path.as_os_str().len(),
+        });
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {}
-        Ok(_) => {
-            return Err(format!(
-                "{} exists and is not a socket; keyroll never deletes it: remove it or choose another path",
-                path.display()
-            ))
-        }
-        // Not there, or under a file: the parent's check below says which.
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {}
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+    let (dir, name) = open_parent(path)?;
+    if let Some(dir) = dir {
+        socket_or_nothing(&dir, &name, path)?;
     }
-    crate::fsutil::writable_dir(parent_of(path))
+    Ok(fsutil::writable_dir(fsutil::parent_dir(path))?)
 }
 
-fn parent_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+/// The socket's folder, if it exists yet, and the socket's name in it.
+fn open_parent(path: &Path) -> Result<(Option<Dir>, PathBuf), SocketError> {
+    let name = PathBuf::from(path.file_name().unwrap_or(path.as_os_str()));
+    match Dir::open(fsutil::parent_dir(path)) {
+        Ok(dir) => Ok((Some(dir), name)),
+        Err(e) if e.is_not_found() => Ok((None, name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Refuses anything at `name` but a socket (a link included); returns the
+/// socket's inode if one is there.
+fn socket_or_nothing(dir: &Dir, name: &Path, path: &Path) -> Result<Option<u64>, SocketError> {
+    use rustix::fs::FileType;
+    match dir.inode(&name.to_string_lossy()) {
+        None => Ok(None),
+        Some((FileType::Socket, inode)) => Ok(Some(inode)),
+        Some((other, _)) => Err(SocketError::NotASocket {
+            path: path.display().to_string(),
+            kind: match other {
+                FileType::Symlink => "a symbolic link",
+                FileType::Directory => "a folder",
+                FileType::RegularFile => "a regular file",
+                FileType::Fifo => "a FIFO",
+                FileType::CharacterDevice | FileType::BlockDevice => "a device",
+                _ => "a special file",
+            },
+        }),
     }
 }
 
@@ -130,24 +178,28 @@ pub(super) fn bind(
     mode: u32,
     key: &'static str,
 ) -> Result<(UnixListener, SocketFile), SignerError> {
-    let fail = |message: String| SignerError::Socket {
+    let fail = |source: SocketError| SignerError::Socket {
         key,
         path: path.display().to_string(),
-        message,
+        source,
     };
     check_one(path).map_err(fail)?;
-    let parent = parent_of(path);
+    let parent = fsutil::parent_dir(path);
     // A folder keyroll creates is traversable by all: the socket's own
     // mode and group decide who may connect.
-    crate::fsutil::ensure_dir(parent, 0o755)
-        .map_err(|e| fail(format!("cannot create the folder: {e}")))?;
-    if std::fs::symlink_metadata(path).is_ok() {
+    let dir = Dir::create(parent, 0o755).map_err(|e| fail(e.into()))?;
+    let name = path
+        .file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy();
+    if socket_or_nothing(&dir, Path::new(&*name), path)
+        .map_err(fail)?
+        .is_some()
+    {
         // A socket is there (check_one refused anything else). If a process
         // still answers on it, it is not stale: leave it to that process.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(fail(
-                "another process is listening on this socket (is keyroll already running?)".into(),
-            ));
+            return Err(fail(SocketError::InUse));
         }
         tracing::info!(socket = %path.display(), "replacing a stale socket");
     }
@@ -156,13 +208,11 @@ pub(super) fn bind(
     // client can connect while the mode is still the umask's.
     let private = tempfile::Builder::new()
         .prefix(".keyroll-socket.")
-        .tempdir_in(parent)
-        .map_err(|e| fail(format!("cannot create a temporary folder beside it: {e}")))?;
+        .tempdir_in(dir.path())
+        .map_err(|e| fail(SocketError::io("create a temporary folder beside it")(e)))?;
     let staged = private.path().join("s");
-    let listener = UnixListener::bind(&staged).map_err(|e| fail(format!("cannot listen: {e}")))?;
-    let group = std::fs::metadata(parent)
-        .map_err(|e| fail(format!("cannot read the folder's group: {e}")))?
-        .gid();
+    let listener = UnixListener::bind(&staged).map_err(|e| fail(SocketError::io("listen")(e)))?;
+    let group = dir.group().map_err(|e| fail(e.into()))?;
     match std::os::unix::fs::chown(&staged, None, Some(group)) {
         Ok(()) => {}
         // Not a member of the folder's group, as under systemd's
@@ -179,37 +229,43 @@ pub(super) fn bind(
             );
         }
         Err(e) => {
-            return Err(fail(format!(
-                "cannot give the socket its folder's group {group}: {e}"
-            )))
+            return Err(fail(SocketError::io("give the socket its folder's group")(
+                e,
+            )));
         }
     }
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| fail(format!("cannot set the socket's mode {mode:o}: {e}")))?;
-    std::fs::rename(&staged, path)
-        .map_err(|e| fail(format!("cannot move the socket into place: {e}")))?;
-    let inode = std::fs::symlink_metadata(path).ok().map(|m| m.ino());
+        .map_err(|e| fail(SocketError::io("set the socket's mode")(e)))?;
+    // Renamed over a stale socket, or a link planted since the check: the
+    // link itself is replaced, never followed.
+    dir.rename(&staged, &name).map_err(|e| fail(e.into()))?;
+    let inode = dir.inode(&name).map(|(_, inode)| inode);
     Ok((
         listener,
         SocketFile {
-            path: path.to_path_buf(),
+            name: name.into_owned(),
+            dir,
             inode,
         },
     ))
 }
 
-/// Removes the socket at `path` when the server stops, if it is still the
-/// one this process bound (same inode): a successor's is left alone.
+/// Removes the socket when the server stops, if it is still the one this
+/// process bound (same inode): a successor's is left alone. The folder's
+/// handle is kept, so a folder moved or replaced since is not followed.
 pub(super) struct SocketFile {
-    path: PathBuf,
+    dir: Dir,
+    name: String,
     inode: Option<u64>,
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let current = std::fs::symlink_metadata(&self.path).ok();
-        if current.is_some_and(|m| m.file_type().is_socket() && Some(m.ino()) == self.inode) {
-            let _ = std::fs::remove_file(&self.path);
+        let current = self.dir.inode(&self.name);
+        if current.is_some_and(|(kind, inode)| {
+            kind == rustix::fs::FileType::Socket && Some(inode) == self.inode
+        }) {
+            let _ = self.dir.unlink(&self.name);
         }
     }
 }

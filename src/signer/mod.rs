@@ -50,11 +50,12 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
-    #[error("[signer] {key}: {path}: {message}")]
+    #[error("[signer] {key}: {path}: {source}")]
     Socket {
         key: &'static str,
         path: String,
-        message: String,
+        #[source]
+        source: listen::SocketError,
     },
     #[error("the active {alg} key of keyset {keyset:?} cannot be loaded for signing ({why})")]
     Key {

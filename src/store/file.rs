@@ -3,17 +3,20 @@
 //! `<dir>/.<keyset>.lock`, so the daemon and CLI processes on one host (or
 //! on a shared POSIX filesystem with working `flock`) never lose an update.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{Store, StoreError, Stored, Version};
-use crate::fsutil;
+use crate::fsutil::{Dir, FsError};
+
+/// The largest document the file store writes and reads; a file beyond it
+/// is refused unread (a FIFO or `/dev/zero` planted there never hangs a read).
+pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
 
 pub struct FileStore {
     dir: PathBuf,
@@ -28,8 +31,12 @@ impl FileStore {
         self.dir.join(format!("{keyset}.json"))
     }
 
-    fn lock_path(&self, keyset: &str) -> PathBuf {
-        self.dir.join(format!(".{keyset}.lock"))
+    fn file_name(keyset: &str) -> String {
+        format!("{keyset}.json")
+    }
+
+    fn lock_name(keyset: &str) -> String {
+        format!(".{keyset}.lock")
     }
 }
 
@@ -40,14 +47,6 @@ fn version_of(bytes: &[u8]) -> Version {
     Version(digest[..12].iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn read_current(path: &Path) -> io::Result<Option<Zeroizing<Vec<u8>>>> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(Zeroizing::new(bytes))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 impl FileStore {
     fn unavailable(&self, keyset: &str, what: &str, e: io::Error) -> StoreError {
         StoreError::Unavailable {
@@ -56,10 +55,27 @@ impl FileStore {
         }
     }
 
+    /// A path that is unsafe or not a file lasts until an operator acts;
+    /// a failing read or write may pass.
+    fn refused(&self, keyset: &str, e: FsError) -> StoreError {
+        let location = self.path(keyset).display().to_string();
+        let message = e.to_string();
+        match e {
+            FsError::Io { .. } => StoreError::Unavailable { location, message },
+            _ => StoreError::Rejected { location, message },
+        }
+    }
+
     fn load_blocking(&self, keyset: &str) -> Result<Option<Stored>, StoreError> {
         let path = self.path(keyset);
-        let Some(bytes) =
-            read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))?
+        let dir = match Dir::open(&self.dir) {
+            Ok(dir) => dir,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(self.refused(keyset, e)),
+        };
+        let Some(bytes) = dir
+            .read(&Self::file_name(keyset), MAX_DOCUMENT_BYTES)
+            .map_err(|e| self.refused(keyset, e))?
         else {
             return Ok(None);
         };
@@ -80,29 +96,25 @@ impl FileStore {
         text: &str,
         expected: Option<&Version>,
     ) -> Result<Version, StoreError> {
-        fsutil::ensure_dir(&self.dir, 0o700)
-            .map_err(|e| self.unavailable(keyset, "cannot create the store folder", e))?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(self.lock_path(keyset))
-            .map_err(|e| self.unavailable(keyset, "cannot open the lock file", e))?;
+        let dir = Dir::create(&self.dir, 0o700).map_err(|e| self.refused(keyset, e))?;
+        let lock = dir
+            .open_lock(&Self::lock_name(keyset))
+            .map_err(|e| self.refused(keyset, e))?;
         // Held until `lock` is dropped at the end of this function; a process
         // that dies holding it releases it with its file descriptors.
         File::lock(&lock).map_err(|e| self.unavailable(keyset, "cannot take the lock", e))?;
         let path = self.path(keyset);
-        let current =
-            read_current(&path).map_err(|e| self.unavailable(keyset, "cannot read", e))?;
+        let current = dir
+            .read(&Self::file_name(keyset), MAX_DOCUMENT_BYTES)
+            .map_err(|e| self.refused(keyset, e))?;
         let current_version = current.as_ref().map(|bytes| version_of(bytes));
         if current_version.as_ref() != expected {
             return Err(StoreError::Conflict {
                 location: path.display().to_string(),
             });
         }
-        fsutil::write_atomic(&path, text.as_bytes(), 0o600)
-            .map_err(|e| self.unavailable(keyset, "cannot write", e))?;
+        dir.write_atomic(&Self::file_name(keyset), text.as_bytes(), 0o600)
+            .map_err(|e| self.refused(keyset, e))?;
         Ok(version_of(text.as_bytes()))
     }
 }
@@ -111,6 +123,11 @@ impl FileStore {
 impl Store for FileStore {
     fn location(&self, keyset: &str) -> String {
         self.path(keyset).display().to_string()
+    }
+
+    /// What a load reads at most: a document never outgrows it.
+    fn max_document_bytes(&self) -> Option<usize> {
+        Some(MAX_DOCUMENT_BYTES)
     }
 
     async fn load(&self, keyset: &str) -> Result<Option<Stored>, StoreError> {
