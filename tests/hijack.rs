@@ -18,6 +18,8 @@
 
 #[allow(dead_code)]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -287,7 +289,9 @@ fn running_as_root() -> bool {
 #[test]
 fn another_users_world_writable_folder_or_folder_link_is_refused() {
     if !running_as_root() {
-        eprintln!("skipped: only root can give a folder to another user (fsutil's unit tests cover the rule)");
+        support::skipped(
+            "only root can give a folder to another user (fsutil's unit tests cover the rule)",
+        );
         return;
     }
     let sb = Sandbox::new();
