@@ -12,7 +12,7 @@ mod memory;
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-pub use aws::{AwsStore, MAX_SECRET_BYTES, PENDING_LABEL};
+pub use aws::{AwsStore, KEYS_INFIX, MAX_SECRET_BYTES, ORPHAN_AGE, PENDING_LABEL};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
