@@ -103,7 +103,30 @@ impl FileStore {
         }
         fsutil::write_atomic(&path, text.as_bytes(), 0o600)
             .map_err(|e| self.unavailable(keyset, "cannot write", e))?;
+        self.remove_dead_writers_temps(keyset);
         Ok(version_of(text.as_bytes()))
+    }
+}
+
+impl FileStore {
+    /// Every writer of a document holds its lock, so under the lock any
+    /// `.<keyset>.json.XXXXXX` temp file was left by a writer killed before
+    /// its rename, whatever its age. It may hold keys this save dropped
+    /// (a revoke): removed now, not after `write_atomic`'s 60 s.
+    fn remove_dead_writers_temps(&self, keyset: &str) {
+        let prefix = format!(".{keyset}.json.");
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_temp = name
+                .to_str()
+                .is_some_and(|name| name.len() == prefix.len() + 6 && name.starts_with(&prefix));
+            if is_temp && entry.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 }
 

@@ -1,11 +1,13 @@
-//! Revoked means destroyed, on AWS too (issue 12): each private key lives in
-//! a key secret of its own, deleted without recovery once a committed
-//! document drops the key. Checked against the emulator by reading every
+//! Revoked means destroyed (issue 12). On AWS each private key lives in a
+//! key secret of its own, deleted without recovery once a committed
+//! document drops the key: checked against the emulator by reading every
 //! version (by id and by label) of every secret under the test's prefix.
 //! Also: a failing deletion retried and reported, the orphan sweep, racing
-//! writers, the migration of a schema 2 document, and what each operation
-//! costs in API calls (counted by a proxy in front of the emulator).
-//! Without `KEYROLL_TEST_AWS_ENDPOINT` every test here skips.
+//! writers, the migration of a schema 2 document, an unknown schema left
+//! alone, and what each operation costs in API calls (counted by a proxy in
+//! front of the emulator); without `KEYROLL_TEST_AWS_ENDPOINT` those skip.
+//! On the file store: no file in the store folder holds a revoked or
+//! removed key, not even a temp file a killed writer left.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -22,8 +24,9 @@ use keyroll::clock::{Clock, SystemClock};
 use keyroll::document::{KeyState, KeysetDoc};
 use keyroll::key::{Alg, CryptoKeys, PrivateJwk, PrivateKey};
 use keyroll::planner::Action;
+use keyroll::reconcile::ReconcileError;
 use keyroll::reconcile::Reconciler;
-use keyroll::store::{AwsStore, MemoryStore, Store, KEYS_INFIX};
+use keyroll::store::{AwsStore, FileStore, MemoryStore, Store, KEYS_INFIX};
 use support::aws as emulator;
 use support::{FakeClock, FakeKeys, PolicyText};
 
@@ -877,4 +880,107 @@ async fn api_calls_per_operation() {
     for (what, calls) in table {
         eprintln!("{what:40} {calls:?}");
     }
+}
+
+/// A schema this keyroll does not know (a newer one) is refused, and no
+/// version is written over it.
+#[tokio::test]
+async fn an_unknown_schema_on_aws_is_refused_and_never_overwritten() {
+    let Some(endpoint) = emulator::endpoint() else {
+        return;
+    };
+    let prefix = emulator::unique_prefix();
+    let inspect = emulator::client(&endpoint).await;
+    let name = format!("{prefix}default");
+    let future = r#"{"schema_version": 99, "keyset": "default", "keys": [], "future": true}"#;
+    inspect
+        .create_secret()
+        .name(&name)
+        .secret_string(future)
+        .send()
+        .await
+        .unwrap();
+    let clock = Arc::new(FakeClock::new(SystemClock.now()));
+    let store = Arc::new(store_on(&endpoint, &prefix, clock.clone()).await);
+    let reconciler = Reconciler::new(store, Arc::new(FakeKeys::new()), clock);
+    let err = reconciler.reconcile(&es256_only(), None).await.unwrap_err();
+    assert!(matches!(err, ReconcileError::Document(_)), "{err}");
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+    assert_eq!(emulator::labels(&inspect, &name).await.len(), 1);
+    assert_eq!(emulator::current_value(&inspect, &name).await, future);
+}
+
+/// Every file under `dir` (dot files too) that holds the key.
+fn files_holding(dir: &std::path::Path, traces: &Traces) -> Vec<String> {
+    let mut holding = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let bytes = std::fs::read(entry.path()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        let values = [(String::new(), String::new(), text)];
+        if !found(&values, traces).is_empty() {
+            holding.push(entry.file_name().to_string_lossy().to_string());
+        }
+    }
+    holding.sort();
+    holding
+}
+
+/// The file store: after revoke, and after removal, no file in the store
+/// folder holds the key: not the document, not the lock, not a temp file
+/// that a writer killed between write and rename left seconds before.
+#[tokio::test]
+async fn file_store_revoke_and_removal_leave_the_key_in_no_file_of_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("keysets");
+    let clock = Arc::new(FakeClock::new(SystemClock.now()));
+    let store: Arc<dyn Store> = Arc::new(FileStore::new(&dir));
+    let reconciler = Reconciler::new(store.clone(), Arc::new(CryptoKeys), clock.clone());
+    let policy = es256_only();
+    reconciler.reconcile(&policy, None).await.unwrap();
+    clock.advance(support::secs(60));
+    let rotate = Action::Rotate {
+        alg: None,
+        force: true,
+    };
+    let outcome = reconciler.reconcile(&policy, Some(&rotate)).await.unwrap();
+    let doc = outcome.snapshot.doc;
+    let revoked = traces(&doc, &kid_of(&doc, Alg::ES256, KeyState::Active));
+    let retired = traces(&doc, &kid_of(&doc, Alg::ES256, KeyState::Retired));
+    // A writer killed between writing its temp file and the rename, just
+    // now: the temp holds the whole document.
+    let current = std::fs::read(dir.join("default.json")).unwrap();
+    std::fs::write(dir.join(".default.json.Xk3p9Q"), &current).unwrap();
+    assert_eq!(
+        files_holding(&dir, &revoked),
+        [".default.json.Xk3p9Q", "default.json"],
+        "before: the document and the temp"
+    );
+
+    reconciler
+        .reconcile(
+            &policy,
+            Some(&Action::Revoke {
+                kid: revoked.kid.clone(),
+                reason: "test".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        files_holding(&dir, &revoked),
+        Vec::<String>::new(),
+        "after revoke"
+    );
+    assert_eq!(
+        files_holding(&dir, &retired),
+        vec!["default.json".to_string()]
+    );
+
+    clock.advance(support::secs(3 * 3600));
+    reconciler.reconcile(&policy, None).await.unwrap();
+    assert_eq!(
+        files_holding(&dir, &retired),
+        Vec::<String>::new(),
+        "after removal"
+    );
 }
