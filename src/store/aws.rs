@@ -68,6 +68,12 @@ pub const PENDING_LABEL: &str = "keyroll-pending";
 const CURRENT_LABEL: &str = "AWSCURRENT";
 /// The most a secret value may hold.
 pub const MAX_SECRET_BYTES: usize = 65_536;
+/// What the stored form of a document may need beyond its inline form: a
+/// key secret's name can be longer than the key it replaces (a long
+/// `secret_prefix`; the tiny fake keys of tests), and the stored form adds
+/// the kids still to destroy. A document whose stored form is larger still
+/// is refused (`Rejected`), never cut.
+pub const REFERENCE_ROOM: usize = 4096;
 
 /// Error codes that say "try again later", whatever the operation.
 const TRANSIENT_CODES: &[&str] = &[
@@ -870,8 +876,10 @@ impl Store for AwsStore {
         )
     }
 
+    /// A secret's limit less [`REFERENCE_ROOM`]: the limit applies to the
+    /// document with its keys inline, and the stored form must fit too.
     fn max_document_bytes(&self) -> Option<usize> {
-        Some(MAX_SECRET_BYTES)
+        Some(MAX_SECRET_BYTES - REFERENCE_ROOM)
     }
 
     /// The document with its private keys inline, read from their key
