@@ -984,3 +984,54 @@ async fn file_store_revoke_and_removal_leave_the_key_in_no_file_of_the_folder() 
         "after removal"
     );
 }
+
+/// The shipped IAM policy grants every call the AWS store makes, and
+/// `DeleteSecret` only on key secrets: a keyset's document can never be
+/// deleted with it (keyset names hold no `/`).
+#[test]
+fn the_shipped_iam_policy_deletes_key_secrets_only() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/aws/iam-policy.json");
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut granted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        assert_eq!(statement["Effect"], "Allow");
+        let list = |v: &serde_json::Value| -> Vec<String> {
+            match v {
+                serde_json::Value::String(one) => vec![one.clone()],
+                many => many
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect(),
+            }
+        };
+        for action in list(&statement["Action"]) {
+            granted
+                .entry(action)
+                .or_default()
+                .extend(list(&statement["Resource"]));
+        }
+    }
+    for call in [
+        "GetSecretValue",
+        "DescribeSecret",
+        "PutSecretValue",
+        "UpdateSecretVersionStage",
+        "CreateSecret",
+        "TagResource",
+        "DeleteSecret",
+        "ListSecrets",
+    ] {
+        assert!(
+            granted.contains_key(&format!("secretsmanager:{call}")),
+            "{call} is not granted"
+        );
+    }
+    assert_eq!(
+        granted["secretsmanager:DeleteSecret"],
+        ["arn:aws:secretsmanager:*:*:secret:keyroll/*/keys/*"]
+    );
+    assert_eq!(granted.len(), 8, "no other action: {granted:?}");
+}
