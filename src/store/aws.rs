@@ -1,7 +1,24 @@
 //! The AWS Secrets Manager store: one secret per keyset, named
 //! `<secret_prefix><keyset>`, whose `AWSCURRENT` version holds the keyset
-//! document. Many replicas and the CLI share a secret safely through a
-//! compare-and-swap built on version ids and staging labels.
+//! document, and one *key secret* per private key,
+//! `<secret_prefix><keyset>/keys/<kid>`, which the document names. Many
+//! replicas and the CLI share a secret safely through a compare-and-swap
+//! built on version ids and staging labels.
+//!
+//! # Private keys in key secrets
+//!
+//! Moving `AWSCURRENT` leaves older documents readable (`AWSPREVIOUS`, and
+//! unlabelled versions by id), and Secrets Manager cannot delete a version.
+//! So no document version holds a private key (schema 3, `aws_form`): a
+//! save creates the key secrets of keys the expected document did not
+//! name, then compare-and-swaps the document, then deletes with
+//! `ForceDeleteWithoutRecovery` the key secrets of keys it dropped (listed
+//! under `destroying` until seen gone, so any process retries a failed
+//! deletion at its next load). A save that loses deletes the key secrets
+//! it made; key secrets a crash orphaned are swept after [`ORPHAN_AGE`].
+//! Key secrets never change, so their values are cached: an idle pass
+//! reads the document alone. `docs/ARCHITECTURE.md` ("Revoked means
+//! destroyed on AWS") defends each step.
 //!
 //! # The compare-and-swap protocol
 //!
@@ -42,8 +59,11 @@
 //! # Cost
 //!
 //! A reconcile that changes nothing makes one `GetSecretValue` per keyset.
-//! A save makes two calls (`CreateSecret`: one), plus one `DescribeSecret`
-//! and one label removal when it loses. There is no change polling: the
+//! A save makes two calls (`CreateSecret`: one), plus one `CreateSecret` per
+//! new key and one `DeleteSecret` per dropped key, plus one `DescribeSecret`
+//! and one label removal when it loses. A process reads each key secret once
+//! and lists a keyset's key secrets (`ListSecrets`) at its first load and
+//! hourly. There is no change polling: the
 //! backend has no call cheap enough to make twice a second, so replicas
 //! notice each other's writes at `reconcile_interval`.
 
