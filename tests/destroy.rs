@@ -9,6 +9,8 @@
 //! On the file store: no file in the store folder holds a revoked or
 //! removed key, not even a temp file a killed writer left.
 
+#[allow(dead_code)]
+mod common;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -1034,4 +1036,109 @@ fn the_shipped_iam_policy_deletes_key_secrets_only() {
         ["arn:aws:secretsmanager:*:*:secret:keyroll/*/keys/*"]
     );
     assert_eq!(granted.len(), 8, "no other action: {granted:?}");
+}
+
+/// The real binary, with `DeleteSecret` denied: `keyroll revoke` commits the
+/// revoke but exits 1 saying the key is not destroyed; the daemon's
+/// `keyroll_key_destruction_pending` and `keyroll status` show it; once
+/// deleting is allowed again, the daemon's next pass destroys it and both
+/// go back to nothing.
+#[test]
+fn the_cli_and_the_daemon_report_a_key_they_could_not_destroy() {
+    use common::{
+        key_rows, keyset_block, keyset_status, metric, metrics_text, wait_ready, wait_until,
+        Sandbox, LONG, STEADY,
+    };
+    let Some(endpoint) = emulator::endpoint() else {
+        return;
+    };
+    let proxy = Proxy::start(&endpoint);
+    let prefix = emulator::unique_prefix();
+    let sb = Sandbox::new();
+    let text = format!(
+        "reconcile_interval = \"1s\"\nstate_dir = '{state}'\n\n[store]\ntype = \"aws-secrets-manager\"\n\
+         endpoint_url = \"{endpoint}\"\nregion = \"{region}\"\nsecret_prefix = \"{prefix}\"\n\n\
+         [http]\nlisten = \"127.0.0.1:{port}\"\n{keysets}",
+        state = sb.path("state").display(),
+        endpoint = proxy.endpoint,
+        region = emulator::REGION,
+        port = sb.port,
+        keysets = keyset_block("default", &["ES256"], STEADY, ""),
+    );
+    std::fs::write(sb.config_path(), text).unwrap();
+    let mut daemon = sb.spawn(&[]);
+    wait_ready(&mut daemon, &sb);
+    let pending = |sb: &Sandbox| {
+        metric(
+            &metrics_text(sb),
+            "keyroll_key_destruction_pending",
+            &[("keyset", "default")],
+        )
+    };
+    assert_eq!(pending(&sb), Some(0.0));
+    let status = sb.status_json();
+    let kid = key_rows(&status, "default")
+        .into_iter()
+        .find(|row| row.state == "next")
+        .expect("a next key")
+        .kid;
+
+    proxy.fail_deletes(Some((400, "AccessDeniedException")));
+    let out = sb.cli(&["revoke", "default", &kid]).exits(1);
+    out.stderr_has(&[
+        "cannot destroy",
+        &kid,
+        "deleting its private key from the store failed",
+    ]);
+    daemon.until("the daemon to report the key", LONG, || {
+        match pending(&sb) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("keyroll_key_destruction_pending {other:?}")),
+        }
+    });
+    let status = sb.status_json();
+    assert_eq!(
+        keyset_status(&status, "default")["destruction_pending"],
+        serde_json::json!([kid])
+    );
+    assert!(key_rows(&status, "default")
+        .iter()
+        .all(|row| row.kid != kid));
+    sb.cli(&["status"])
+        .ok()
+        .stdout_has(&["KEY NOT DESTROYED", &kid]);
+
+    proxy.fail_deletes(None);
+    wait_until("the daemon to destroy the key", LONG, || {
+        match pending(&sb) {
+            Some(0.0) => Ok(()),
+            other => Err(format!("keyroll_key_destruction_pending {other:?}")),
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let gone = runtime.block_on(async {
+        let client = emulator::client(&endpoint).await;
+        client
+            .get_secret_value()
+            .secret_id(format!("{prefix}default{KEYS_INFIX}{kid}"))
+            .version_stage("AWSCURRENT")
+            .send()
+            .await
+            .is_err()
+    });
+    assert!(gone, "the key secret is gone");
+    let status = sb.status_json();
+    assert_eq!(
+        keyset_status(&status, "default")["destruction_pending"],
+        serde_json::json!([])
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("cannot destroy") && log.contains(&kid),
+        "{log}"
+    );
+    daemon.stop_cleanly("TERM");
 }

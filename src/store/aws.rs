@@ -425,6 +425,10 @@ impl AwsStore {
             name.strip_prefix(&own)
                 .is_none_or(|kid| seen.refs.contains(kid))
         });
+        // What the document no longer lists need not be remembered.
+        if let Some(destroyed) = memory.destroyed.get_mut(keyset) {
+            destroyed.retain(|kid| seen.destroying.contains(kid));
+        }
         memory.seen.insert(keyset.to_string(), seen);
     }
 
