@@ -569,6 +569,9 @@ struct KeysetStatus {
     clock_behind_seconds: Option<f64>,
     /// Warnings the planner has for this keyset now.
     warnings: Vec<String>,
+    /// Kids of revoked or removed keys whose private keys are still in the
+    /// store because deleting them failed (AWS); retried at every pass.
+    destruction_pending: Vec<String>,
     slots: Vec<SlotStatus>,
     keys: Vec<KeyStatus>,
 }
@@ -669,6 +672,7 @@ fn keyset_status(
             .and_then(|p| p.clock_behind)
             .map(|d| d.num_milliseconds() as f64 / 1000.0),
         warnings: plan.map(|p| p.warnings).unwrap_or_default(),
+        destruction_pending: Vec::new(),
         slots: outlook
             .iter()
             .map(|s| SlotStatus {
@@ -688,7 +692,9 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
     for policy in selected(config, keyset)? {
         let snapshot = reconciler.load(&policy.name).await?;
         let location = reconciler.store().location(&policy.name);
-        keysets.push(keyset_status(policy, &snapshot, location, now));
+        let mut status = keyset_status(policy, &snapshot, location, now);
+        status.destruction_pending = reconciler.store().destruction_pending(&policy.name);
+        keysets.push(status);
     }
     if json {
         let text = serde_json::to_string_pretty(&StatusJson { keysets })
@@ -715,6 +721,11 @@ async fn status(config: &Config, keyset: Option<&str>, json: bool) -> Result<(),
         }
         for warning in &k.warnings {
             out.push_str(&format!("  warning: {warning}\n"));
+        }
+        for kid in &k.destruction_pending {
+            out.push_str(&format!(
+                "  KEY NOT DESTROYED: {kid} was revoked or removed, but deleting its private key from the store failed; retried at every pass\n"
+            ));
         }
         if let Some(e) = &k.next_event {
             out.push_str(&format!(
@@ -853,6 +864,9 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
                 .rev()
                 .find(|r| r.kid == kid && r.event == AuditEvent::Revoked);
             return match revoked {
+                Some(_) if destruction_pending(&reconciler, &policy.name, kid) => {
+                    Err(destruction_failed(&policy.name, kid))
+                }
                 Some(record) => {
                     println!(
                         "{}: {kid} was already revoked at {}; it is gone from the JWKS and the store",
@@ -872,6 +886,9 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
     for record in &outcome.committed {
         daemon::log_transition(&policy.name, record);
     }
+    if destruction_pending(&reconciler, &policy.name, kid) {
+        return Err(destruction_failed(&policy.name, kid));
+    }
     println!(
         "{}: revoked {kid}; it is gone from the JWKS and the store",
         policy.name
@@ -887,6 +904,24 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
         );
     }
     Ok(())
+}
+
+/// Whether the store still holds the private key of a dropped key because
+/// deleting it failed (the AWS store's key secrets).
+fn destruction_pending(reconciler: &Reconciler, keyset: &str, kid: &str) -> bool {
+    reconciler
+        .store()
+        .destruction_pending(keyset)
+        .iter()
+        .any(|pending| pending == kid)
+}
+
+fn destruction_failed(keyset: &str, kid: &str) -> CliError {
+    CliError::Failure(format!(
+        "{keyset}: revoked {kid}: it is gone from the JWKS, but deleting its private key from \
+         the store failed (see the error above); a running keyroll retries at every pass, and \
+         `keyroll revoke` again retries now"
+    ))
 }
 
 /// The `[signer]` part of `validate`'s output.

@@ -615,6 +615,8 @@ impl Daemon {
             return;
         };
         let policy = run.policy.clone();
+        let pending = self.reconciler.store().destruction_pending(name);
+        self.metrics.set_destruction_pending(name, pending.len());
         let snapshot = match result {
             Ok(outcome) => {
                 run.failures = 0;

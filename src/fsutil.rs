@@ -438,6 +438,19 @@ impl Dir {
     /// target: in the store folder they hold private keys. Best effort, and
     /// only after a successful write, so it costs one folder read per change.
     fn remove_stale_temps(&self, name: &str) {
+        self.remove_temps(name, Some(STALE_TEMP_AGE));
+    }
+
+    /// Removes every `.<name>.XXXXXX` temp file, whatever its age: for a
+    /// caller that holds the lock every writer of `name` takes, so no live
+    /// writer can own one (the file store after a save).
+    pub fn remove_dead_writers_temps(&self, name: &str) {
+        self.remove_temps(name, None);
+    }
+
+    /// The temp files of `name` older than `min_age` (all with `None`),
+    /// looked at and unlinked without following links.
+    fn remove_temps(&self, name: &str, min_age: Option<std::time::Duration>) {
         let Ok(mut entries) = rustix::fs::Dir::read_from(&self.fd) else {
             return;
         };
@@ -460,9 +473,10 @@ impl Dir {
                     u64::try_from(stat.st_mtime).unwrap_or(0),
                     u32::try_from(stat.st_mtime_nsec).unwrap_or(0),
                 );
-            let stale = now
-                .duration_since(modified)
-                .is_ok_and(|age| age > STALE_TEMP_AGE);
+            let stale = min_age.is_none_or(|min_age| {
+                now.duration_since(modified)
+                    .is_ok_and(|age| age > min_age)
+            });
             if stale && FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile {
                 let _ = rustix::fs::unlinkat(&self.fd, entry_name, AtFlags::empty());
             }

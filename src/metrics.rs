@@ -92,6 +92,7 @@ pub struct Metrics {
     document_missing: Family<KeysetLabels, Gauge>,
     failed_closed: Family<KeysetLabels, Gauge>,
     clock_offset: Family<KeysetLabels, FloatGauge>,
+    destruction_pending: Family<KeysetLabels, Gauge>,
     ready: Gauge,
     tokens_signed: Family<SlotLabels, Counter>,
     sign_refused: Family<RefusalLabels, Counter>,
@@ -120,6 +121,7 @@ impl Metrics {
         let document_missing = Family::default();
         let failed_closed = Family::default();
         let clock_offset = Family::default();
+        let destruction_pending = Family::default();
         let ready = Gauge::default();
         registry.register("keys", "Keys per keyset, algorithm and state", keys.clone());
         registry.register(
@@ -173,6 +175,11 @@ impl Metrics {
             clock_offset.clone(),
         );
         registry.register(
+            "key_destruction_pending",
+            "Private keys of revoked or removed keys still readable in the store because deleting them failed (retried every pass)",
+            destruction_pending.clone(),
+        );
+        registry.register(
             "ready",
             "1 when every keyset has been loaded and published (as /readyz), else 0",
             ready.clone(),
@@ -204,6 +211,7 @@ impl Metrics {
             document_missing,
             failed_closed,
             clock_offset,
+            destruction_pending,
             ready,
             activations: Mutex::new(HashMap::new()),
         }
@@ -334,6 +342,13 @@ impl Metrics {
             .set(seconds);
     }
 
+    /// How many dropped keys' private keys the store has not destroyed yet.
+    pub fn set_destruction_pending(&self, keyset: &str, count: usize) {
+        self.destruction_pending
+            .get_or_create(&Self::keyset(keyset))
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// The served snapshot's readiness, set just before each encoding.
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
@@ -350,6 +365,7 @@ impl Metrics {
         let _ = self.document_missing.get_or_create(&labels);
         let _ = self.failed_closed.get_or_create(&labels);
         let _ = self.clock_offset.get_or_create(&labels);
+        let _ = self.destruction_pending.get_or_create(&labels);
         for output in PUBLISH_OUTPUTS {
             let _ = self.publish_errors.get_or_create(&OutputLabels {
                 keyset: keyset.to_string(),
@@ -427,6 +443,7 @@ mod tests {
             r#"keyroll_document_missing{keyset="ks"}"#.to_string(),
             r#"keyroll_failed_closed{keyset="ks"}"#.to_string(),
             r#"keyroll_clock_offset_seconds{keyset="ks"}"#.to_string(),
+            r#"keyroll_key_destruction_pending{keyset="ks"}"#.to_string(),
             "keyroll_ready".to_string(),
         ];
         for output in PUBLISH_OUTPUTS {

@@ -608,7 +608,7 @@ async fn a_document_that_does_not_parse_is_reported_and_left_untouched() {
 #[tokio::test]
 async fn a_document_of_an_unknown_schema_is_reported_and_left_untouched() {
     refuses_and_keeps(
-        b"{\"schema_version\": 3, \"keyset\": \"default\", \"keys\": [], \"future\": true}",
+        b"{\"schema_version\": 99, \"keyset\": \"default\", \"keys\": [], \"future\": true}",
         true,
     )
     .await;

@@ -115,9 +115,14 @@ impl FileStore {
         }
         dir.write_atomic(&Self::file_name(keyset), text.as_bytes(), 0o600)
             .map_err(|e| self.refused(keyset, e))?;
+        // Every writer holds the lock, so any temp file left now is a killed
+        // writer's, whatever its age, and may hold keys this save dropped (a
+        // revoke): removed now, not a minute later.
+        dir.remove_dead_writers_temps(&Self::file_name(keyset));
         Ok(version_of(text.as_bytes()))
     }
 }
+
 
 #[async_trait]
 impl Store for FileStore {

@@ -5,13 +5,14 @@
 //! the writer reloads and plans again. There is no other write path.
 
 mod aws;
+mod aws_form;
 mod file;
 mod memory;
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-pub use aws::{AwsStore, MAX_SECRET_BYTES, PENDING_LABEL};
+pub use aws::{AwsStore, KEYS_INFIX, MAX_SECRET_BYTES, ORPHAN_AGE, PENDING_LABEL};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
@@ -78,7 +79,9 @@ impl StoreError {
 ///   leaves either the old document or the new one, never a mix.
 /// - A failed save (`Unavailable`) may or may not have landed; the caller
 ///   finds out by loading again, which the reconcile loop always does.
-/// - Nothing is ever deleted: documents are only replaced.
+/// - Documents are never deleted, only replaced. (A backend that keeps
+///   private keys apart from the document, like the AWS store, deletes a
+///   key's copy once a saved document no longer holds the key.)
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Names the document for people: a path, a secret name.
@@ -108,6 +111,14 @@ pub trait Store: Send + Sync {
     /// answers an empty list.
     async fn keysets(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
+    }
+
+    /// Kids of keys a saved document dropped (revoke, removal) whose
+    /// private keys this process has not yet seen destroyed in the backend:
+    /// the daemon reports them (`keyroll_key_destruction_pending`). Empty
+    /// for backends that destroy a key with the document write itself.
+    fn destruction_pending(&self, _keyset: &str) -> Vec<String> {
+        Vec::new()
     }
 
     /// The largest document the backend can hold, if it has a limit; the
