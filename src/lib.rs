@@ -29,5 +29,6 @@ pub mod planner;
 pub mod publish;
 pub mod reconcile;
 pub mod schedule;
+pub mod secret_json;
 pub mod signer;
 pub mod store;

@@ -6,7 +6,6 @@ use std::io;
 use std::path::Path;
 
 use serde::Serialize;
-use zeroize::Zeroizing;
 
 use crate::document::{KeyState, KeysetDoc};
 use crate::fsutil;
@@ -81,12 +80,10 @@ pub fn write_signing_dir(dir: &Path, doc: &KeysetDoc) -> Result<bool, OutputErro
         changed |= fsutil::write_if_changed(&kid_path, key.kid.as_bytes(), 0o600)
             .map_err(io_error(&kid_path))?;
     }
-    let json = Zeroizing::new(
-        serde_json::to_vec(&SigningKeys {
-            keys: &private_jwks,
-        })
-        .expect("private JWKs always serialize"),
-    );
+    // Written once into a buffer of its exact size, zeroized on drop.
+    let json = crate::secret_json::to_vec(&SigningKeys {
+        keys: &private_jwks,
+    });
     let json_path = dir.join(SIGNING_JSON);
     changed |= fsutil::write_if_changed(&json_path, &json, 0o600).map_err(io_error(&json_path))?;
     Ok(changed)
