@@ -15,7 +15,7 @@ use crate::key::{Alg, KeyFactory, PublicJwk, SecretPem};
 mod error;
 pub use error::{
     DocumentError, Expected, FieldPath, JsonKind, KeyAt, OrphanError, ParseProblem, PathSegment,
-    ProblemKind, StructureError,
+    ProblemKind, SchemaFound, StructureError,
 };
 
 /// Schema 2 added `ready_at` and `longest_grace_seconds` per key, `orphans`
@@ -128,7 +128,13 @@ pub struct StoredKey {
     pub longest_grace_seconds: Option<u64>,
     /// The self-signed certificate (DER, base64), published as `x5c`.
     pub certificate: String,
+    #[serde(deserialize_with = "secret_pem")]
     pub private_key_pem: SecretPem,
+}
+
+/// Reads a PEM straight from the document text into its zeroizing buffer.
+fn secret_pem<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SecretPem, D::Error> {
+    crate::secret_json::secret_string(deserializer).map(SecretPem::new)
 }
 
 /// A public key that verifiers were shown before the stored document went
@@ -314,7 +320,7 @@ impl KeysetDoc {
             Some(found) => {
                 return Err(DocumentError::UnknownSchema {
                     location: location.to_string(),
-                    found,
+                    found: error::SchemaFound::of(found),
                 })
             }
             None => return Err(malformed(error::SchemaVersion::missing())),

@@ -1,11 +1,16 @@
-//! JSON that holds private keys, written into one zeroizing buffer of its
-//! exact size. A first pass only counts the bytes; the second writes into a
-//! buffer allocated once, which refuses to grow: a growing `Vec` copies its
-//! content and frees the old buffer without wiping it.
+//! JSON that holds private keys, without copies left behind in freed
+//! memory. Writing: into one zeroizing buffer of its exact size (a first
+//! pass only counts the bytes; the buffer refuses to grow, because a growing
+//! `Vec` copies its content and frees the old buffer without wiping it).
+//! Reading: a secret string is taken from the input text as it is and
+//! unescaped straight into its zeroizing buffer (serde_json would unescape
+//! it into a scratch buffer of its own, grown and freed without wiping).
 
 use std::io;
 
+use serde::de::{self, Deserialize, Deserializer, Unexpected};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use zeroize::Zeroizing;
 
 /// Counts what a serializer writes, storing nothing.
@@ -64,6 +69,79 @@ pub fn to_string_pretty<T: Serialize + ?Sized>(value: &T) -> Zeroizing<String> {
     Zeroizing::new(text)
 }
 
+/// Deserializes a JSON string that holds a secret (a PEM) into a zeroizing
+/// buffer, never through serde_json's scratch buffer. Needs a deserializer
+/// that borrows from its input (`serde_json::from_str`), as keyroll's
+/// document parser is.
+pub fn secret_string<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Zeroizing<String>, D::Error> {
+    let raw = <&'de RawValue>::deserialize(deserializer)?.get();
+    match raw.as_bytes().first() {
+        Some(b'"') => unescape(raw).ok_or_else(|| {
+            de::Error::invalid_value(Unexpected::Other("string"), &"a string with valid escapes")
+        }),
+        first => {
+            let found = match first {
+                Some(b'{') => Unexpected::Map,
+                Some(b'[') => Unexpected::Seq,
+                Some(b't') => Unexpected::Bool(true),
+                Some(b'f') => Unexpected::Bool(false),
+                Some(b'n') => Unexpected::Unit,
+                _ => Unexpected::Other("number"),
+            };
+            Err(de::Error::invalid_type(found, &"a string"))
+        }
+    }
+}
+
+/// Decodes the JSON string `raw` (quotes included) into a buffer allocated
+/// once, at least as long as the result. `None` for a broken escape.
+fn unescape(raw: &str) -> Option<Zeroizing<String>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = Zeroizing::new(String::with_capacity(inner.len()));
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let decoded = match chars.next()? {
+            '"' => '"',
+            '\\' => '\\',
+            '/' => '/',
+            'b' => '\u{8}',
+            'f' => '\u{c}',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            'u' => {
+                let first = hex4(&mut chars)?;
+                if (0xD800..0xDC00).contains(&first) {
+                    // A surrogate pair: the low half must follow at once.
+                    if chars.next()? != '\\' || chars.next()? != 'u' {
+                        return None;
+                    }
+                    let second = hex4(&mut chars)?;
+                    if !(0xDC00..0xE000).contains(&second) {
+                        return None;
+                    }
+                    char::from_u32(0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00))?
+                } else {
+                    char::from_u32(first)?
+                }
+            }
+            _ => return None,
+        };
+        out.push(decoded);
+    }
+    Some(out)
+}
+
+fn hex4(chars: &mut std::str::Chars<'_>) -> Option<u32> {
+    (0..4).try_fold(0, |value, _| Some(value * 16 + chars.next()?.to_digit(16)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +165,40 @@ mod tests {
         let compact = to_vec(&value);
         assert_eq!(compact.capacity(), compact.len());
         assert_eq!(*compact, serde_json::to_vec(&value).unwrap());
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Holder {
+        #[serde(deserialize_with = "secret_string")]
+        secret: Zeroizing<String>,
+    }
+
+    #[test]
+    fn secret_strings_decode_like_serde_json_without_its_buffer() {
+        for text in [
+            "-----BEGIN PRIVATE KEY-----\nMIGH/+==\n-----END PRIVATE KEY-----\n",
+            "quotes \" and \\ and / and \u{8}\u{c}\r\t, é, 😀 and \u{1}",
+            "",
+        ] {
+            let json = serde_json::to_string(&serde_json::json!({ "secret": text })).unwrap();
+            let held: Holder = serde_json::from_str(&json).unwrap();
+            assert_eq!(*held.secret, text);
+            assert!(held.secret.capacity() >= held.secret.len());
+        }
+        let escaped: Holder =
+            serde_json::from_str(r#"{"secret": "\u00e9\/\ud83d\ude00"}"#).unwrap();
+        assert_eq!(*escaped.secret, "é/😀");
+        for bad in [r#"{"secret": "\ud83d"}"#, r#"{"secret": "\udE00x"}"#] {
+            assert!(serde_json::from_str::<Holder>(bad).is_err(), "{bad}");
+        }
+        let err = serde_json::from_str::<Holder>(r#"{"secret": {"a": 1}}"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with("invalid type: map, expected a string"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,12 +25,44 @@ pub enum DocumentError {
         problem: ParseProblem,
     },
     #[error("{location}: schema version {found} is unknown to this keyroll (it knows {SCHEMA_VERSION}); it is left untouched")]
-    UnknownSchema { location: String, found: u64 },
+    UnknownSchema {
+        location: String,
+        found: SchemaFound,
+    },
     #[error("{location}: {problem}; it is left untouched")]
     Inconsistent {
         location: String,
         problem: StructureError,
     },
+}
+
+/// An unknown schema version as shown: a number large enough to carry
+/// anything (a key's bytes read as digits) is not shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemaFound {
+    Small(u16),
+    Large,
+}
+
+impl SchemaFound {
+    /// The largest version shown as it is.
+    const SHOWN: u64 = 999;
+
+    pub fn of(found: u64) -> Self {
+        match u16::try_from(found) {
+            Ok(small) if found <= Self::SHOWN => SchemaFound::Small(small),
+            _ => SchemaFound::Large,
+        }
+    }
+}
+
+impl fmt::Display for SchemaFound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SchemaFound::Small(version) => write!(f, "{version}"),
+            SchemaFound::Large => write!(f, "(a number over {}, not shown)", Self::SHOWN),
+        }
+    }
 }
 
 /// A place in a document, named only by the schema's own field names and
@@ -197,7 +229,11 @@ impl fmt::Display for ParseProblem {
         if let Some(expected) = expected {
             write!(f, ", expected {expected}")?;
         }
-        write!(f, ", at line {line} column {column}")
+        // serde_json's line 0: no position (a field missing from the whole).
+        if line > 0 {
+            write!(f, ", at line {line} column {column}")?;
+        }
+        Ok(())
     }
 }
 
@@ -454,9 +490,10 @@ fn data_kind(error: &serde_json::Error) -> ProblemKind {
         return ProblemKind::UnknownField;
     }
     if let Some(rest) = start.text().strip_prefix(b"invalid type: ".as_slice()) {
-        let kinds: [(&str, JsonKind); 8] = [
+        let kinds: [(&str, JsonKind); 9] = [
             ("string", JsonKind::String),
             ("integer", JsonKind::Number),
+            ("number", JsonKind::Number),
             ("floating point", JsonKind::Number),
             ("boolean", JsonKind::Boolean),
             ("null", JsonKind::Null),
@@ -527,8 +564,8 @@ impl SchemaVersion {
     pub(super) fn missing() -> ParseProblem {
         ParseProblem {
             kind: ProblemKind::MissingField(Some("schema_version")),
-            line: 1,
-            column: 1,
+            line: 0,
+            column: 0,
             path: FieldPath::default(),
         }
     }
