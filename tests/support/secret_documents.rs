@@ -10,8 +10,7 @@ use std::sync::OnceLock;
 use chrono::TimeZone;
 use keyroll::clock::Timestamp;
 use keyroll::document::{
-    AuditEvent, AuditRecord, KeyState, KeyTimes, KeysetDoc, LossRecord, OrphanKey, StoredKey,
-    Trigger,
+    AuditEvent, AuditRecord, KeyState, KeysetDoc, LossRecord, OrphanKey, StoredKey, Trigger,
 };
 use keyroll::key::{self, Alg, CryptoKeys, KeyFactory, PrivateJwk, PrivateKey};
 use serde_json::Value;
