@@ -105,10 +105,27 @@ enum Command {
 /// A command's failure, with its exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// A usage mistake, in the CLI's own words.
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A request the planner refuses (revoke of an unknown kid, …).
+    #[error(transparent)]
+    Plan(PlanError),
+    #[error(transparent)]
+    Open(#[from] store::OpenError),
+    #[error(transparent)]
+    LogLevel(#[from] logging::LogLevelError),
+    #[error(transparent)]
+    Reconcile(ReconcileError),
+    #[error(transparent)]
+    Daemon(daemon::DaemonError),
+    #[error(transparent)]
+    Manual(#[from] manual::WriteError),
+    #[error(transparent)]
+    Sign(#[from] crate::signer::client::ClientError),
+    /// A runtime failure, in the CLI's own words.
     #[error("{0}")]
     Failure(String),
 }
@@ -116,8 +133,16 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Failure(_) => 1,
-            CliError::Usage(_) | CliError::Config(_) => 2,
+            CliError::Usage(_)
+            | CliError::Config(_)
+            | CliError::Plan(_)
+            | CliError::Open(_)
+            | CliError::LogLevel(_) => 2,
+            CliError::Reconcile(_)
+            | CliError::Daemon(_)
+            | CliError::Manual(_)
+            | CliError::Sign(_)
+            | CliError::Failure(_) => 1,
         }
     }
 }
@@ -125,15 +150,9 @@ impl CliError {
 impl From<ReconcileError> for CliError {
     fn from(e: ReconcileError) -> Self {
         match e {
-            ReconcileError::Plan(e) => CliError::Usage(e.to_string()),
-            other => CliError::Failure(other.to_string()),
+            ReconcileError::Plan(e) => CliError::Plan(e),
+            other => CliError::Reconcile(other),
         }
-    }
-}
-
-impl From<store::OpenError> for CliError {
-    fn from(e: store::OpenError) -> Self {
-        CliError::Usage(e.to_string())
     }
 }
 
@@ -148,14 +167,13 @@ pub fn main(cli: Cli) -> Result<(), CliError> {
     // Generated from the clap definitions: no config, no runtime (manual.rs).
     let generated = match cli.command {
         Command::Completions { shell } => Some(manual::completions(shell)),
-        Command::Manpage => Some(manual::manpage().map_err(|e| CliError::Failure(e.to_string()))?),
+        Command::Manpage => Some(manual::manpage()?),
         _ => None,
     };
     if let Some(text) = generated {
-        return manual::print(&text).map_err(|e| CliError::Failure(e.to_string()));
+        return Ok(manual::print(&text)?);
     }
-    logging::init(cli.log_format, cli.log_level.as_deref())
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    logging::init(cli.log_format, cli.log_level.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -452,7 +470,7 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), CliErro
         .await
         .map_err(|e| match e {
             daemon::DaemonError::Store(e) => CliError::from(e),
-            other => CliError::Failure(other.to_string()),
+            other => CliError::Daemon(other),
         })
 }
 
@@ -875,7 +893,7 @@ async fn revoke(config: &Config, keyset: &str, kid: &str, reason: &str) -> Resul
                     );
                     Ok(())
                 }
-                None => Err(CliError::Usage(e.to_string())),
+                None => Err(CliError::from(e)),
             };
         }
         Err(other) => return Err(other.into()),
@@ -972,9 +990,7 @@ async fn sign(
     let policy = pick_keyset(config, keyset)?;
     let claims: serde_json::Value = serde_json::from_str(claims)
         .map_err(|e| CliError::Usage(format!("--claims is not JSON: {e}")))?;
-    let answer = crate::signer::client::sign(socket, &policy.name, alg, claims)
-        .await
-        .map_err(|e| CliError::Failure(e.to_string()))?;
+    let answer = crate::signer::client::sign(socket, &policy.name, alg, claims).await?;
     let token = answer.body["token"].as_str();
     match (answer.status, token) {
         (200, Some(token)) => {

@@ -789,13 +789,14 @@ impl Daemon {
             .collect();
         let (policy_owned, body) = (policy.clone(), jwks.body.clone());
         let write_files = move || {
-            let signing_dir = policy_owned.signing_dir.as_ref().map(|dir| {
-                publish::write_signing_dir(dir, &offered_doc).map_err(|e| e.to_string())
-            });
+            let signing_dir = policy_owned
+                .signing_dir
+                .as_ref()
+                .map(|dir| publish::write_signing_dir(dir, &offered_doc));
             let jwks_file = policy_owned
                 .jwks_file
                 .as_ref()
-                .map(|path| publish::write_jwks_file(path, &body).map_err(|e| e.to_string()));
+                .map(|path| publish::write_jwks_file(path, &body));
             (signing_dir, jwks_file)
         };
         // File writes block; without file outputs nothing needs a thread.

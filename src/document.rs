@@ -4,13 +4,19 @@
 //! parse, has an unknown schema, or breaks a structural rule is refused, so
 //! that nothing ever plans on (and overwrites) a document it misread.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::key::{Alg, KeyFactory, PublicJwk, SecretPem};
+
+mod error;
+pub use error::{
+    DocumentError, Expected, FieldPath, JsonKind, KeyAt, OrphanError, ParseProblem, PathSegment,
+    ProblemKind, SchemaFound, StructureError,
+};
 
 /// Schema 2 added `ready_at` and `longest_grace_seconds` per key, `orphans`
 /// and `lost` (SPEC C2, C3).
@@ -122,7 +128,13 @@ pub struct StoredKey {
     pub longest_grace_seconds: Option<u64>,
     /// The self-signed certificate (DER, base64), published as `x5c`.
     pub certificate: String,
+    #[serde(deserialize_with = "secret_pem")]
     pub private_key_pem: SecretPem,
+}
+
+/// Reads a PEM straight from the document text into its zeroizing buffer.
+fn secret_pem<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SecretPem, D::Error> {
+    crate::secret_json::secret_string(deserializer).map(SecretPem::new)
 }
 
 /// A public key that verifiers were shown before the stored document went
@@ -179,24 +191,16 @@ impl OrphanKey {
 
     /// The JWK as it is published again, or why it cannot be: its kid
     /// must be the thumbprint of its parameters.
-    pub fn public_jwk(&self) -> Result<PublicJwk, String> {
+    pub fn public_jwk(&self) -> Result<PublicJwk, OrphanError> {
         let jwk = match (self.alg, &self.n, &self.e, &self.x, &self.y) {
             (Alg::RS256, Some(n), Some(e), None, None) => PublicJwk::rsa(n.clone(), e.clone()),
             (Alg::ES256, None, None, Some(x), Some(y)) => PublicJwk::ec(x.clone(), y.clone()),
-            _ => {
-                return Err(format!(
-                    "orphaned key {} has parameters that do not fit {}",
-                    shown(&self.kid),
-                    self.alg
-                ))
-            }
+            _ => return Err(OrphanError::Shape { alg: self.alg }),
         };
         if jwk.kid != self.kid {
-            return Err(format!(
-                "orphaned key {} does not match its kid (its thumbprint is {})",
-                shown(&self.kid),
-                jwk.kid
-            ));
+            return Err(OrphanError::KidMismatch {
+                thumbprint: jwk.kid,
+            });
         }
         Ok(jwk)
     }
@@ -285,84 +289,6 @@ pub struct KeysetDoc {
     pub lost: Option<LossRecord>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DocumentError {
-    #[error("{location}: not a keyroll keyset document ({detail}); it is left untouched")]
-    Malformed { location: String, detail: String },
-    #[error("{location}: schema version {found} is unknown to this keyroll (it knows {SCHEMA_VERSION}); it is left untouched")]
-    UnknownSchema { location: String, found: String },
-    #[error("{location}: {detail}; it is left untouched")]
-    Inconsistent { location: String, detail: String },
-}
-
-/// The longest part of a parser message quoted as it is.
-const LONGEST_QUOTE: usize = 40;
-
-/// serde_json quotes offending input in its messages; in a tampered document
-/// that input could be key material, so long quoted parts are elided.
-fn without_long_quotes(message: &str) -> String {
-    // serde's own words never break a line: a line break or other control
-    // character comes from the input (an unknown field name is quoted raw),
-    // and quotes inside it can pair up wrongly. Cut at its first quote.
-    if let Some(control) = message.find(char::is_control) {
-        let cut = message[..control].find(['`', '"']).unwrap_or(control);
-        return format!("{}…", &message[..cut]);
-    }
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = rest.find(['`', '"']) {
-        let quote = rest.as_bytes()[start] as char;
-        out.push_str(&rest[..=start]);
-        let after = &rest[start + 1..];
-        match after.find(quote) {
-            Some(end) if end <= LONGEST_QUOTE => {
-                out.push_str(&after[..=end]);
-                rest = &after[end + 1..];
-            }
-            Some(end) => {
-                out.push('…');
-                out.push(quote);
-                rest = &after[end + 1..];
-            }
-            None => {
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    without_long_words(&out)
-}
-
-/// Quote characters inside the input can pair up wrongly (a field name that
-/// starts with a backtick ends the quote early and leaves the rest bare), so
-/// any long word left is elided as well. Found by fuzzing.
-fn without_long_words(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for piece in message.split_inclusive(char::is_whitespace) {
-        let word = piece.trim_end_matches(char::is_whitespace);
-        if word.chars().count() > LONGEST_QUOTE {
-            out.push('…');
-            out.push_str(&piece[word.len()..]);
-        } else {
-            out.push_str(piece);
-        }
-    }
-    out
-}
-
-/// Kids (43 characters) and keyset names are short; a long one in a tampered
-/// document may be key material moved into the wrong field (a PEM line is 64
-/// characters), so it is described, not quoted. Found by fuzzing.
-pub const LONGEST_QUOTED_VALUE: usize = 48;
-
-fn shown(value: &str) -> String {
-    if value.chars().count() <= LONGEST_QUOTED_VALUE {
-        format!("{value:?}")
-    } else {
-        format!("<{} characters, not shown>", value.chars().count())
-    }
-}
-
 impl KeysetDoc {
     pub fn new(keyset: &str) -> Self {
         KeysetDoc {
@@ -377,67 +303,73 @@ impl KeysetDoc {
     }
 
     /// Parses and checks the structure of a stored document. `location`
-    /// (a path, a secret name) names it in every error.
+    /// (a path, a secret name) names it in every error; no error holds any
+    /// of `text` (see [`DocumentError`]).
     pub fn parse(text: &str, keyset: &str, location: &str) -> Result<Self, DocumentError> {
-        let malformed = |e: serde_json::Error| DocumentError::Malformed {
+        let malformed = |problem| DocumentError::Malformed {
             location: location.to_string(),
-            detail: without_long_quotes(&e.to_string()),
+            problem,
         };
         // The schema version is checked before the shape: a future schema
         // must be reported as such, not as a confusing field error.
-        let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
-        match value.get("schema_version") {
-            Some(v) if v.as_u64().is_some_and(|v| SCHEMAS_READ.contains(&v)) => {}
-            Some(v) if !v.is_u64() => {
-                return Err(DocumentError::Malformed {
-                    location: location.to_string(),
-                    detail: format!(
-                        "schema_version is {}, not a whole number",
-                        without_long_quotes(&v.to_string())
-                    ),
-                })
-            }
-            Some(v) => {
+        match error::read::<error::SchemaVersion>(text)
+            .map_err(malformed)?
+            .0
+        {
+            Some(version) if SCHEMAS_READ.contains(&version) => {}
+            Some(found) => {
                 return Err(DocumentError::UnknownSchema {
                     location: location.to_string(),
-                    found: without_long_quotes(&v.to_string()),
+                    found: error::SchemaFound::of(found),
                 })
             }
-            None => {
-                return Err(DocumentError::Malformed {
-                    location: location.to_string(),
-                    detail: "no schema_version".to_string(),
-                })
-            }
+            None => return Err(malformed(error::SchemaVersion::missing())),
         }
-        // Parsed again from the text, not from `value`: only then do errors
-        // say where (a bad timestamp is otherwise just "input contains
-        // invalid characters", with no clue which of dozens it is).
-        let mut doc: KeysetDoc = serde_json::from_str(text).map_err(malformed)?;
+        let mut doc: KeysetDoc = error::read(text).map_err(malformed)?;
         // Schema 1 is schema 2 without its additions, which default to empty.
         doc.schema_version = SCHEMA_VERSION;
         doc.check_structure(keyset)
-            .map_err(|detail| DocumentError::Inconsistent {
+            .map_err(|problem| DocumentError::Inconsistent {
                 location: location.to_string(),
-                detail,
+                problem,
             })?;
         Ok(doc)
     }
 
     /// The rules every stored document obeys (SPEC §1, I1 and the states).
-    pub fn check_structure(&self, keyset: &str) -> Result<(), String> {
+    pub fn check_structure(&self, keyset: &str) -> Result<(), StructureError> {
         if self.keyset != keyset {
-            return Err(format!(
-                "document is for keyset {}, expected {keyset:?}",
-                shown(&self.keyset)
-            ));
+            return Err(StructureError::OtherKeyset {
+                expected: keyset.to_string(),
+            });
         }
-        let mut kids = HashSet::new();
+        let mut kids: HashMap<&str, KeyAt> = HashMap::new();
         let mut slots: BTreeMap<(Alg, KeyState), usize> = BTreeMap::new();
-        for key in &self.keys {
-            if key.kid.is_empty() || !kids.insert(key.kid.as_str()) {
-                return Err(format!("kid {} is empty or appears twice", shown(&key.kid)));
+        let keys = self.keys.iter().enumerate().map(|(index, key)| {
+            let at = KeyAt {
+                state: Some(key.state),
+                index,
+                alg: key.alg,
+            };
+            (at, key.kid.as_str())
+        });
+        let orphans = self.orphans.iter().enumerate().map(|(index, orphan)| {
+            let at = KeyAt {
+                state: None,
+                index,
+                alg: orphan.alg,
+            };
+            (at, orphan.kid.as_str())
+        });
+        for (at, kid) in keys.chain(orphans) {
+            if kid.is_empty() {
+                return Err(StructureError::EmptyKid { at });
             }
+            if let Some(first) = kids.insert(kid, at) {
+                return Err(StructureError::DuplicateKid { at, first });
+            }
+        }
+        for (index, key) in self.keys.iter().enumerate() {
             *slots.entry((key.alg, key.state)).or_default() += 1;
             let shape_ok = match key.state {
                 KeyState::Next => key.activated_at.is_none() && key.retired_at.is_none(),
@@ -445,25 +377,30 @@ impl KeysetDoc {
                 KeyState::Retired => key.retired_at.is_some() && key.remove_at.is_some(),
             };
             if !shape_ok {
-                return Err(format!(
-                    "key {} is {} but its timestamps do not fit that state",
-                    shown(&key.kid),
-                    key.state
-                ));
+                return Err(StructureError::StateTimes {
+                    at: KeyAt {
+                        state: Some(key.state),
+                        index,
+                        alg: key.alg,
+                    },
+                });
             }
         }
-        for orphan in &self.orphans {
-            if orphan.kid.is_empty() || !kids.insert(orphan.kid.as_str()) {
-                return Err(format!(
-                    "kid {} is empty or appears twice",
-                    shown(&orphan.kid)
-                ));
-            }
-            orphan.public_jwk()?;
+        for (index, orphan) in self.orphans.iter().enumerate() {
+            orphan
+                .public_jwk()
+                .map_err(|problem| StructureError::Orphan {
+                    at: KeyAt {
+                        state: None,
+                        index,
+                        alg: orphan.alg,
+                    },
+                    problem,
+                })?;
         }
         for ((alg, state), count) in slots {
             if count > 1 && state != KeyState::Retired {
-                return Err(format!("slot {alg} has {count} {state} keys"));
+                return Err(StructureError::CrowdedSlot { alg, state, count });
             }
         }
         Ok(())
@@ -478,31 +415,36 @@ impl KeysetDoc {
     ) -> Result<Vec<PublicJwk>, DocumentError> {
         self.keys
             .iter()
-            .map(|key| {
-                let inconsistent = |detail: String| DocumentError::Inconsistent {
+            .enumerate()
+            .map(|(index, key)| {
+                let at = KeyAt {
+                    state: Some(key.state),
+                    index,
+                    alg: key.alg,
+                };
+                let inconsistent = |problem| DocumentError::Inconsistent {
                     location: location.to_string(),
-                    detail,
+                    problem,
                 };
                 let jwk = keys
                     .public_jwk(key.alg, &key.private_key_pem)
-                    .map_err(|e| inconsistent(format!("key {}: {e}", shown(&key.kid))))?;
+                    .map_err(|source| inconsistent(StructureError::Key { at, source }))?;
                 if jwk.kid != key.kid {
-                    return Err(inconsistent(format!(
-                        "key {} does not match its kid (its thumbprint is {})",
-                        shown(&key.kid),
-                        jwk.kid
-                    )));
+                    return Err(inconsistent(StructureError::KidMismatch {
+                        at,
+                        thumbprint: jwk.kid,
+                    }));
                 }
                 Ok(jwk)
             })
             .collect()
     }
 
-    /// The stored form. It holds private keys, so it is zeroized on drop.
+    /// The stored form. It holds private keys, so it is written once into a
+    /// buffer of its exact size (never grown, so no copy is left behind in
+    /// a freed allocation) and zeroized on drop.
     pub fn to_json(&self) -> zeroize::Zeroizing<String> {
-        zeroize::Zeroizing::new(
-            serde_json::to_string_pretty(self).expect("a keyset document always serializes"),
-        )
+        crate::secret_json::to_string_pretty(self)
     }
 
     /// The stored form, within `limit` bytes when one is given: the oldest
@@ -578,42 +520,79 @@ impl KeysetDoc {
 mod tests {
     use super::*;
 
-    #[test]
-    fn long_quoted_input_is_elided_from_messages() {
-        // A made-up PEM fragment, assembled so no key-like literal sits in src/.
-        let pem_like = format!(
-            "-----BEGIN {} KEY-----MIGHAgEAMBMGByqGSM49AgEGCCqGSM49",
-            "PRIVATE"
-        );
-        let m = without_long_quotes(&format!("unknown variant `{pem_like}`, expected `next`"));
-        assert!(!m.contains("MIGH"), "{m}");
-        assert!(m.contains("`next`"), "{m}");
+    fn refusal(text: &str) -> DocumentError {
+        KeysetDoc::parse(text, "default", "/x/default.json").unwrap_err()
+    }
+
+    fn malformed(text: &str) -> ParseProblem {
+        match refusal(text) {
+            DocumentError::Malformed { problem, .. } => problem,
+            other => panic!("not a parse problem: {other}"),
+        }
     }
 
     #[test]
-    fn quotes_inside_the_input_cannot_unhide_it() {
+    fn parse_errors_give_the_place_and_what_was_expected() {
         let secret = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg";
-        let m = without_long_quotes(&format!(
-            "unknown field ``{secret}`, expected one of `kid`, `alg`"
-        ));
-        assert!(!m.contains(secret), "{m}");
-        assert!(m.contains("expected one of `kid`, `alg`"), "{m}");
-        let pem_like = format!("-----BEGIN {} KEY-----\n{secret}\nAB==\n", "PRIVATE");
-        let m = without_long_quotes(&format!("unknown field ``{pem_like}`, expected `kid`"));
-        assert_eq!(m, "unknown field …");
-    }
-
-    #[test]
-    fn long_kids_and_keyset_names_are_not_quoted() {
-        let long = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJaMRBqs0";
-        let doc = format!(r#"{{"schema_version": 1, "keyset": "{long}", "keys": []}}"#);
-        let text = KeysetDoc::parse(&doc, "default", "/x/default.json")
-            .unwrap_err()
-            .to_string();
+        let doc = format!(
+            "{{\"schema_version\": 2, \"keyset\": \"default\",\n \"keys\": [{{\"kid\": \"k\", \"alg\": \"ES256\", \"state\": \"{secret}\"}}]}}"
+        );
+        let problem = malformed(&doc);
+        assert_eq!(problem.kind, ProblemKind::BadValue);
+        assert_eq!(problem.line, 2);
+        assert_eq!(problem.path.to_string(), "keys[0].state");
+        let text = refusal(&doc).to_string();
         assert!(
-            !text.contains(long) && text.contains("characters, not shown"),
+            text.contains("invalid value at keys[0].state, expected one of \"next\", \"active\", \"retired\", at line 2"),
             "{text}"
         );
+        assert!(!text.contains(secret), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_located_and_never_named() {
+        let secret = "`MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg";
+        let doc =
+            format!(r#"{{"schema_version": 2, "keyset": "default", "keys": [], "{secret}": 1}}"#);
+        let problem = malformed(&doc);
+        assert_eq!(problem.kind, ProblemKind::UnknownField);
+        assert_eq!(problem.path.0, [PathSegment::Unknown]);
+        let text = refusal(&doc).to_string();
+        assert!(!text.contains("MIGH"), "{text}");
+        assert!(
+            text.contains("unknown field in the top level (its name is not shown), expected one of: schema_version, keyset, keys"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_missing_fields_and_syntax_are_told_apart() {
+        let problem = malformed(r#"{"schema_version": 2, "keyset": "default", "keys": {}}"#);
+        assert_eq!(problem.kind, ProblemKind::WrongType(Some(JsonKind::Object)));
+        assert_eq!(problem.expected(), Some(Expected::Text("a list")));
+        let problem = malformed(r#"{"schema_version": "2"}"#);
+        assert_eq!(problem.kind, ProblemKind::WrongType(Some(JsonKind::String)));
+        assert_eq!(problem.path.to_string(), "schema_version");
+        let problem = malformed(r#"{"schema_version": 2, "keys": []}"#);
+        assert_eq!(problem.kind, ProblemKind::MissingField(Some("keyset")));
+        let problem = malformed(r#"{"schema_version": 2} x"#);
+        assert_eq!(problem.kind, ProblemKind::Syntax("trailing characters"));
+        let problem = malformed("[1]");
+        assert_eq!(problem.kind, ProblemKind::WrongType(Some(JsonKind::List)));
+        let problem = malformed(r#"{"keyset": "default"}"#);
+        assert_eq!(
+            problem.kind,
+            ProblemKind::MissingField(Some("schema_version"))
+        );
+    }
+
+    #[test]
+    fn structure_errors_name_keys_by_place_not_by_kid() {
+        let long = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJaMRBqs0";
+        let doc = format!(r#"{{"schema_version": 1, "keyset": "{long}", "keys": []}}"#);
+        let text = refusal(&doc).to_string();
+        assert!(!text.contains(long), "{text}");
+        assert!(text.contains("another keyset than \"default\""), "{text}");
         let doc = KeysetDoc::new("default");
         assert!(doc.check_structure("default").is_ok());
     }

@@ -3,7 +3,8 @@
 //! - [`config`]: the TOML config, parsed and validated (pure).
 //! - [`clock`]: time comes in from outside.
 //! - [`key`]: RS256/ES256 generation, JWKs, RFC 7638 kids, x5c.
-//! - [`document`]: the stored keyset document and its strict parser.
+//! - [`document`]: the stored keyset document and its strict parser;
+//!   [`secret_json`]: JSON holding private keys, with no copy left unwiped.
 //! - [`planner`]: pure `(now, document, policy, action) -> steps`.
 //! - [`reconcile`]: load → plan → save (compare-and-swap), retried on conflict.
 //! - [`store`]: the `Store` trait and its file and memory backends.
@@ -29,5 +30,6 @@ pub mod planner;
 pub mod publish;
 pub mod reconcile;
 pub mod schedule;
+pub mod secret_json;
 pub mod signer;
 pub mod store;

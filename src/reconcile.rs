@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::clock::{Clock, Timestamp};
 use crate::config::KeysetPolicy;
-use crate::document::{AuditRecord, DocumentError, KeysetDoc};
+use crate::document::{AuditRecord, DocumentError, KeysetDoc, StructureError};
 use crate::key::{Alg, KeyError, KeyFactory, NewKey, PublicJwk};
 use crate::planner::{self, Action, Plan, PlanError, Step};
 use crate::store::{Store, StoreError, Version};
@@ -28,8 +28,11 @@ pub enum ReconcileError {
     Plan(#[from] PlanError),
     #[error("keyset {keyset:?}: {source}")]
     Key { keyset: String, source: KeyError },
-    #[error("keyset {keyset:?}: refusing to save a document that breaks the stored-document rules ({detail}); this is a keyroll bug, please report it")]
-    Inconsistent { keyset: String, detail: String },
+    #[error("keyset {keyset:?}: refusing to save a document that breaks the stored-document rules ({problem}); this is a keyroll bug, please report it")]
+    Inconsistent {
+        keyset: String,
+        problem: StructureError,
+    },
     #[error("{location}: gave up after {attempts} conflicting writes in a row; will try again")]
     Contention { location: String, attempts: u32 },
 }
@@ -195,9 +198,9 @@ impl Reconciler {
             // The same rules a load enforces: a planner bug must fail this
             // reconcile, not store a document every later load refuses.
             doc.check_structure(&policy.name)
-                .map_err(|detail| ReconcileError::Inconsistent {
+                .map_err(|problem| ReconcileError::Inconsistent {
                     keyset: policy.name.clone(),
-                    detail,
+                    problem,
                 })?;
             let limit = self.store.max_document_bytes();
             let text = doc

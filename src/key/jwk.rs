@@ -169,8 +169,9 @@ impl PrivateJwk {
                     v.map(|v| secret_b64url(&Zeroizing::new(v.to_bytes_be())))
                 };
                 // Keys parsed from PKCS#8 are precomputed, so the CRT values
-                // exist; crt_coefficient() recomputes qi as an unsigned value.
-                let qi = key.crt_coefficient();
+                // exist; crt_coefficient() recomputes qi as an unsigned value
+                // (a copy of our own, so wiped like the others).
+                let qi = key.crt_coefficient().map(Zeroizing::new);
                 PrivateJwk {
                     public,
                     d: big(Some(key.d())),
@@ -178,7 +179,7 @@ impl PrivateJwk {
                     q: big(primes.get(1)),
                     dp: big(key.dp()),
                     dq: big(key.dq()),
-                    qi: big(qi.as_ref()),
+                    qi: big(qi.as_deref()),
                 }
             }
         }

@@ -89,7 +89,9 @@ pub enum KeyError {
     #[error("{alg} key generation failed")]
     Generation { alg: Alg },
     #[error("x5c certificate: {0}")]
-    Certificate(String),
+    Certificate(rcgen::Error),
+    #[error("x5c certificate: the creation time is out of range: {0}")]
+    CertificateStart(time::error::ComponentRange),
 }
 
 /// A freshly generated key, ready to be stored.

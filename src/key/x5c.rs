@@ -32,17 +32,18 @@ pub(super) fn self_signed(
         Alg::RS256 => &rcgen::PKCS_RSA_SHA256,
     };
     // rcgen errors describe the failure, never the key bytes.
-    let cert_error = |e: rcgen::Error| KeyError::Certificate(e.to_string());
-    let key_pair =
-        KeyPair::from_pkcs8_pem_and_sign_algo(pem.expose(), sign_algo).map_err(cert_error)?;
+    let key_pair = KeyPair::from_pkcs8_pem_and_sign_algo(pem.expose(), sign_algo)
+        .map_err(KeyError::Certificate)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, subject);
     params.distinguished_name = name;
     params.not_before = time::OffsetDateTime::from_unix_timestamp(created_at.timestamp())
-        .map_err(|e| KeyError::Certificate(e.to_string()))?;
+        .map_err(KeyError::CertificateStart)?;
     params.not_after = not_after();
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = params.self_signed(&key_pair).map_err(cert_error)?;
+    let cert = params
+        .self_signed(&key_pair)
+        .map_err(KeyError::Certificate)?;
     Ok(STANDARD.encode(cert.der()))
 }

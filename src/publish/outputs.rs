@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use serde::Serialize;
-use zeroize::Zeroizing;
 
 use crate::document::{KeyState, KeysetDoc};
 use crate::fsutil;
@@ -67,12 +66,10 @@ pub fn write_signing_dir(dir: &Path, doc: &KeysetDoc) -> Result<bool, OutputErro
             folder.write_if_changed(&pem_name, key.private_key_pem.expose().as_bytes(), 0o600)?;
         changed |= folder.write_if_changed(&kid_name, key.kid.as_bytes(), 0o600)?;
     }
-    let json = Zeroizing::new(
-        serde_json::to_vec(&SigningKeys {
-            keys: &private_jwks,
-        })
-        .expect("private JWKs always serialize"),
-    );
+    // Written once into a buffer of its exact size, zeroized on drop.
+    let json = crate::secret_json::to_vec(&SigningKeys {
+        keys: &private_jwks,
+    });
     changed |= folder.write_if_changed(SIGNING_JSON, &json, 0o600)?;
     Ok(changed)
 }

@@ -31,7 +31,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::head_object::HeadObjectError;
+use aws_sdk_s3::operation::put_object::PutObjectError;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -162,6 +165,15 @@ struct ObjectSync {
     known: Option<Known>,
 }
 
+/// A request that failed, with the SDK's error (shown with S3's error code).
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("HeadObject failed: {}", describe(.0))]
+    Head(SdkError<HeadObjectError, HttpResponse>),
+    #[error("PutObject failed: {}", describe(.0))]
+    Put(SdkError<PutObjectError, HttpResponse>),
+}
+
 #[derive(Debug)]
 enum Outcome {
     Unchanged,
@@ -194,12 +206,12 @@ impl ObjectSync {
                     wait = check_every;
                     self.log(&outcome);
                 }
-                Err(message) => {
+                Err(error) => {
                     failures += 1;
                     wait = retry_delay(failures, check_every);
                     self.metrics.publish_error(&self.keyset, "s3");
                     tracing::error!(
-                        keyset = %self.keyset, object = %self.object, error = %message, retry_in = ?wait,
+                        keyset = %self.keyset, object = %self.object, %error, retry_in = ?wait,
                         "cannot publish to S3; HTTP and the other outputs are unaffected"
                     );
                 }
@@ -225,7 +237,7 @@ impl ObjectSync {
     /// `PutObject` only if the object differs. A new content is looked up
     /// first too: another replica, rendering the same bytes from the same
     /// document, has often written it already.
-    async fn sync(&mut self, wanted: &Content, check: bool) -> Result<Outcome, String> {
+    async fn sync(&mut self, wanted: &Content, check: bool) -> Result<Outcome, SyncError> {
         let digest = wanted.digest();
         let known_same = self.known.as_ref().is_some_and(|k| k.digest == digest);
         if known_same && !check {
@@ -246,7 +258,7 @@ impl ObjectSync {
     /// Whether the object holds `wanted`: its stored digest, length and
     /// headers. Not its ETag: with SSE-KMS every write of the same bytes
     /// gets another ETag, and replicas would overwrite each other forever.
-    async fn head_matches(&self, wanted: &Content, digest: &str) -> Result<bool, String> {
+    async fn head_matches(&self, wanted: &Content, digest: &str) -> Result<bool, SyncError> {
         let head = self
             .client
             .head_object()
@@ -261,7 +273,7 @@ impl ObjectSync {
             Err(SdkError::ServiceError(e)) if matches!(e.raw().status().as_u16(), 404 | 403) => {
                 return Ok(false);
             }
-            Err(e) => return Err(format!("HeadObject failed: {}", describe(&e))),
+            Err(e) => return Err(SyncError::Head(e)),
         };
         Ok(head
             .metadata()
@@ -272,7 +284,7 @@ impl ObjectSync {
             && head.cache_control() == Some(wanted.cache_control.as_str()))
     }
 
-    async fn put(&mut self, wanted: &Content, digest: String) -> Result<(), String> {
+    async fn put(&mut self, wanted: &Content, digest: String) -> Result<(), SyncError> {
         self.client
             .put_object()
             .bucket(&self.object.bucket)
@@ -283,7 +295,7 @@ impl ObjectSync {
             .metadata(DIGEST_METADATA, &digest)
             .send()
             .await
-            .map_err(|e| format!("PutObject failed: {}", describe(&e)))?;
+            .map_err(SyncError::Put)?;
         self.known = Some(Known { digest });
         Ok(())
     }
@@ -291,7 +303,7 @@ impl ObjectSync {
 
 /// An SDK error on one line, with S3's error code when it sent one
 /// (`NoSuchBucket`, `AccessDenied`).
-fn describe<E>(error: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String
+fn describe<E>(error: &SdkError<E, HttpResponse>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {

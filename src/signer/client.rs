@@ -19,8 +19,18 @@ pub enum ClientError {
         path: String,
         source: std::io::Error,
     },
-    #[error("the sign API on {path} did not answer: {detail}")]
-    Protocol { path: String, detail: String },
+    #[error("the sign API on {path} did not answer: {source}")]
+    Protocol { path: String, source: ProtocolError },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("the answer is not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
 }
 
 /// The daemon's answer: its status and JSON body.
@@ -38,9 +48,9 @@ pub async fn sign(
     claims: Value,
 ) -> Result<Answer, ClientError> {
     let path = socket.display().to_string();
-    let protocol = |detail: String| ClientError::Protocol {
+    let protocol = |source: ProtocolError| ClientError::Protocol {
         path: path.clone(),
-        detail,
+        source,
     };
     let stream = UnixStream::connect(socket)
         .await
@@ -50,7 +60,7 @@ pub async fn sign(
         })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| protocol(e.to_string()))?;
+        .map_err(|e| protocol(e.into()))?;
     tokio::spawn(connection);
     let mut request = serde_json::json!({ "claims": claims });
     if let Some(alg) = alg {
@@ -60,19 +70,18 @@ pub async fn sign(
         .header(header::HOST, "keyroll")
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(request.to_string())))
-        .map_err(|e| protocol(e.to_string()))?;
+        .map_err(|e| protocol(e.into()))?;
     let response = sender
         .send_request(request)
         .await
-        .map_err(|e| protocol(e.to_string()))?;
+        .map_err(|e| protocol(e.into()))?;
     let status = response.status().as_u16();
     let body = response
         .into_body()
         .collect()
         .await
-        .map_err(|e| protocol(e.to_string()))?
+        .map_err(|e| protocol(e.into()))?
         .to_bytes();
-    let body = serde_json::from_slice(&body)
-        .map_err(|e| protocol(format!("the answer is not JSON: {e}")))?;
+    let body = serde_json::from_slice(&body).map_err(|e| protocol(e.into()))?;
     Ok(Answer { status, body })
 }

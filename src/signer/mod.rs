@@ -61,8 +61,18 @@ pub enum SignerError {
     Key {
         keyset: String,
         alg: Alg,
-        why: String,
+        why: KeyLoadFailure,
     },
+}
+
+/// Why a stored key cannot become a ring key pair; never the key's bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLoadFailure {
+    #[error("not a PKCS#8 PEM key")]
+    NotPem,
+    /// ring's reason is one of its fixed words ("InvalidEncoding", …).
+    #[error("{0}")]
+    Rejected(ring::error::KeyRejected),
 }
 
 /// Why a sign request was not signed. Its status (HTTP or gRPC) and its
@@ -178,15 +188,15 @@ struct SigningKey {
 
 impl SigningKey {
     fn parse(keyset: &str, alg: Alg, kid: &str, pem: &SecretPem) -> Result<Self, SignerError> {
-        let fail = |why: &str| SignerError::Key {
+        let fail = |why| SignerError::Key {
             keyset: keyset.to_string(),
             alg,
-            why: why.to_string(),
+            why,
         };
         // SecretDocument zeroizes the DER when dropped; ring keeps its own
         // form of the key for as long as the keyring lives.
         let (_, der) = rsa::pkcs8::SecretDocument::from_pem(pem.expose())
-            .map_err(|_| fail("not a PKCS#8 PEM key"))?;
+            .map_err(|_| fail(KeyLoadFailure::NotPem))?;
         let pair = match alg {
             Alg::ES256 => EcdsaKeyPair::from_pkcs8(
                 &ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -194,10 +204,10 @@ impl SigningKey {
                 &SystemRandom::new(),
             )
             .map(Pair::Ec)
-            .map_err(|e| fail(&e.to_string()))?,
+            .map_err(|e| fail(KeyLoadFailure::Rejected(e)))?,
             Alg::RS256 => RsaKeyPair::from_pkcs8(der.as_bytes())
                 .map(Pair::Rsa)
-                .map_err(|e| fail(&e.to_string()))?,
+                .map_err(|e| fail(KeyLoadFailure::Rejected(e)))?,
         };
         Ok(SigningKey {
             alg,

@@ -80,12 +80,14 @@ impl FileStore {
             return Ok(None);
         };
         let version = version_of(&bytes);
-        let text = String::from_utf8(bytes.to_vec()).map_err(|_| StoreError::Corrupt {
+        // Checked in place, then copied once at its exact size: a refused
+        // `String::from_utf8` would drop its copy unwiped.
+        let text = std::str::from_utf8(&bytes).map_err(|_| StoreError::Corrupt {
             location: path.display().to_string(),
             message: "not a keyroll keyset document (not UTF-8 text)".to_string(),
         })?;
         Ok(Some(Stored {
-            text: Zeroizing::new(text),
+            text: Zeroizing::new(text.to_owned()),
             version,
         }))
     }
