@@ -584,6 +584,16 @@ mod tests {
             problem.kind,
             ProblemKind::MissingField(Some("schema_version"))
         );
+        // A PEM is read by keyroll's own decoder; its errors look the same.
+        let problem = malformed(
+            r#"{"schema_version": 2, "keyset": "default", "keys": [{"private_key_pem": 5}]}"#,
+        );
+        assert_eq!(problem.kind, ProblemKind::WrongType(Some(JsonKind::Number)));
+        assert_eq!(problem.path.to_string(), "keys[0].private_key_pem");
+        assert_eq!(
+            problem.expected(),
+            Some(Expected::Text("a PKCS#8 PEM private key, as a string"))
+        );
     }
 
     #[test]
