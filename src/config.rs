@@ -516,7 +516,8 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
             .unwrap_or_else(|| PathBuf::from("keyroll-state")),
     };
     let store = build_store(raw.store, &state_dir, c);
-    let (http_listen, http_metrics_listen, http_max_connections_per_client) = build_http(raw.http, c);
+    let (http_listen, http_metrics_listen, http_max_connections_per_client) =
+        build_http(raw.http, c);
     let mut warnings = Vec::new();
     let mut keysets = Vec::new();
     let mut default_algs = BTreeMap::new();
@@ -790,13 +791,9 @@ fn check_aws_settings(raw: &RawStore, c: &mut Checker) {
         }
     }
     if let Some(endpoint) = &raw.endpoint_url {
-        let usable = endpoint
-            .get_ref()
-            .parse::<http::Uri>()
-            .ok()
-            .filter(|uri| {
-                matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
-            });
+        let usable = endpoint.get_ref().parse::<http::Uri>().ok().filter(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
+        });
         if usable.is_none() {
             c.problem(
                 Some(endpoint),
@@ -1555,7 +1552,8 @@ mod tests {
             Some("127.0.0.1:9090".parse().unwrap())
         );
         assert_eq!(config.http_max_connections_per_client, 16);
-        let default = parse("[http]\nlisten = \"127.0.0.1:8080\"\n[[keysets]]\nname = \"a\"\n").unwrap();
+        let default =
+            parse("[http]\nlisten = \"127.0.0.1:8080\"\n[[keysets]]\nname = \"a\"\n").unwrap();
         assert_eq!(default.http_metrics_listen, None);
         assert_eq!(
             default.http_max_connections_per_client,
@@ -1566,7 +1564,11 @@ mod tests {
             "[http]\nlisten = \"127.0.0.1:8080\"\nmetrics_listen = \"localhost\"\nmax_connections_per_client = 0\n[[keysets]]\nname = \"a\"\n",
         )
         .unwrap_err();
-        let keys: Vec<_> = err.problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
         assert_eq!(
             keys,
             [

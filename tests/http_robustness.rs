@@ -156,7 +156,13 @@ fn slowloris(port: u16, count: usize) -> thread::JoinHandle<usize> {
 #[test]
 fn idle_slow_and_oversized_clients_do_not_stop_jwks_serving() {
     let sb = Sandbox::new();
-    sb.write_config(&keyset_block("default", &["ES256"], STEADY, ""));
+    // Every client here is 127.0.0.1: the per-client cap (tested below) is
+    // lifted to the server's whole 4,096 so that the idle connections reach
+    // the server-wide limits this test is about.
+    sb.write_config(&format!(
+        "max_connections_per_client = 4096\n{}",
+        keyset_block("default", &["ES256"], STEADY, "")
+    ));
     let mut daemon = sb.spawn(&[]);
     wait_ready(&mut daemon, &sb);
     let reference = get_ok(&sb.url("/.well-known/jwks.json")).expect("the JWKS");
@@ -296,7 +302,9 @@ fn connect_from(sb: &Sandbox, source: [u8; 4]) -> TcpStream {
             socket.connect(([127, 0, 0, 1], sb.port).into()).await
         })
         .expect("connect to keyroll from another loopback address");
-    let stream = runtime.block_on(async { stream.into_std() }).expect("a std stream");
+    let stream = runtime
+        .block_on(async { stream.into_std() })
+        .expect("a std stream");
     stream.set_nonblocking(false).expect("set blocking");
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -315,7 +323,12 @@ fn status_on(stream: &mut TcpStream, path: &str) -> Result<u16, String> {
     loop {
         match peek(stream) {
             Peek::Data(bytes) => reply.extend(bytes),
-            Peek::Closed => return Err(format!("closed after {:?}", String::from_utf8_lossy(&reply))),
+            Peek::Closed => {
+                return Err(format!(
+                    "closed after {:?}",
+                    String::from_utf8_lossy(&reply)
+                ))
+            }
             Peek::Open if Instant::now() > deadline => return Err("no answer".into()),
             Peek::Open => thread::sleep(Duration::from_millis(10)),
         }
@@ -342,7 +355,9 @@ fn one_client_cannot_hold_every_connection_and_metrics_have_their_own_listener()
     // /metrics is served on its own listener only, and nothing else is.
     assert_eq!(get(&sb.url("/metrics")).expect("GET /metrics").status, 404);
     let on_metrics_port = |path: &str| {
-        get(&format!("http://127.0.0.1:{metrics_port}{path}")).expect("GET").status
+        get(&format!("http://127.0.0.1:{metrics_port}{path}"))
+            .expect("GET")
+            .status
     };
     assert_eq!(on_metrics_port("/.well-known/jwks.json"), 404);
     assert_eq!(on_metrics_port("/healthz"), 404);
@@ -364,9 +379,11 @@ fn one_client_cannot_hold_every_connection_and_metrics_have_their_own_listener()
     // Its ninth is closed at once, unanswered, and counted.
     let mut ninth = connect_from(&sb, greedy);
     let _ = ninth.write_all(b"GET /healthz HTTP/1.1\r\nHost: keyroll\r\n\r\n");
-    daemon.until("the ninth connection to be closed", LONG, || match peek(&mut ninth) {
-        Peek::Closed => Ok(()),
-        other => Err(format!("{other:?}")),
+    daemon.until("the ninth connection to be closed", LONG, || {
+        match peek(&mut ninth) {
+            Peek::Closed => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
     });
     assert_eq!(refused(&mut daemon), 1.0);
     // Other clients are served meanwhile.
@@ -417,21 +434,15 @@ fn sigterm_drains_in_flight_and_kept_alive_connections() {
     let mut kept_alive = connect(&sb);
     assert_eq!(status_on(&mut kept_alive, "/healthz"), Ok(200));
 
-    // A connection with a response in flight: thousands of pipelined JWKS
-    // requests whose responses (megabytes) are not read yet, so the server
-    // is blocked writing one when SIGTERM arrives.
+    // A connection with a response in flight: 200 pipelined JWKS requests
+    // (under 8 KiB, taken by the server's first read, so none is left
+    // unread in its socket when it closes), whose 900 KB of responses are
+    // not read yet: the server is blocked writing one when SIGTERM arrives.
     let mut busy = connect(&sb);
-    let pipelined = 5000;
-    let request = b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: keyroll\r\n\r\n".repeat(pipelined);
-    let mut writer = busy.try_clone().expect("clone the stream");
-    let sender = thread::spawn(move || {
-        // The server stops reading once its writes block: the tail of the
-        // requests may never be taken, which is fine.
-        writer
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .expect("set a write timeout");
-        let _ = writer.write_all(&request);
-    });
+    let pipelined = 200;
+    let request = b"GET /.well-known/jwks.json HTTP/1.1\r\n\r\n".repeat(pipelined);
+    busy.write_all(&request)
+        .expect("send the pipelined requests");
     daemon.until("the pipelined responses to start", LONG, || {
         let mut probe = [0u8; 1];
         busy.set_nonblocking(true).expect("non-blocking");
@@ -463,17 +474,28 @@ fn sigterm_drains_in_flight_and_kept_alive_connections() {
     });
     let _ = go.send(());
     let (status, took) = daemon.stop("TERM");
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0:\n{}", tail(&daemon.stderr()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM exits 0:\n{}",
+        tail(&daemon.stderr())
+    );
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
     let received = reader
         .join()
         .expect("the reader thread")
         .unwrap_or_else(|e| panic!("the in-flight connection did not end cleanly: {e}"));
     let (answered, partial) = whole_responses(&received);
-    assert_eq!(partial, 0, "a response cut short after {answered} whole ones");
+    assert_eq!(
+        partial, 0,
+        "a response cut short after {answered} whole ones"
+    );
     assert!(answered >= 1, "no response at all");
-    let _ = sender.join();
-    assert_eq!(peek(&mut kept_alive), Peek::Closed, "the kept-alive connection");
+    assert_eq!(
+        peek(&mut kept_alive),
+        Peek::Closed,
+        "the kept-alive connection"
+    );
     let log = daemon.stderr();
     assert!(
         !log.contains("still open at shutdown were dropped"),
