@@ -587,12 +587,14 @@ def section_idle(args):
     for t in threads:
         t.join()
     thread_counts = {n: sum(len(os.listdir(f"/proc/{pid}/task")) for pid in p) for n, p in measured.items()}
+    private = {n: sum(rss_anon_kib(pid) for pid in p) for n, p in measured.items()}
     for server in servers:
         server.stop()
     n_rss, n_cpu = results["nginx"]
     header = ["", "nginx (master + workers)"]
     rows = [["RSS", f"{n_rss / 1024:.1f} MiB"], ["CPU per minute", f"{n_cpu * 1000:.0f} ms"],
-            ["threads (processes for nginx)", str(thread_counts["nginx"])]]
+            ["threads (processes for nginx)", str(thread_counts["nginx"])],
+            ["  of the RSS, private (RssAnon)", f"{private['nginx'] / 1024:.1f} MiB"]]
     for name in measured:
         if name == "nginx":
             continue
@@ -601,10 +603,20 @@ def section_idle(args):
         rows[0] += [f"{rss / 1024:.1f} MiB", f"{rss / n_rss:.2f}x"]
         rows[1] += [f"{cpu * 1000:.1f} ms", f"{cpu / n_cpu:.1f}x" if n_cpu > 0 else "(nginx: 0)"]
         rows[2] += [str(thread_counts[name]), ""]
+        rows[3] += [f"{private[name] / 1024:.1f} MiB", f"{private[name] / private['nginx']:.2f}x"]
     table(header, rows)
     if args.keyroll_baseline:
         say(f"  baseline: {args.keyroll_baseline}")
+    say("  RSS less RssAnon is the executable's code and read-only data mapped from the page cache")
     say()
+
+
+def rss_anon_kib(pid):
+    """Private memory: RSS less the file-backed pages (code, read-only data)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
 
 
 def section_many(args):
