@@ -791,9 +791,13 @@ fn check_aws_settings(raw: &RawStore, c: &mut Checker) {
         }
     }
     if let Some(endpoint) = &raw.endpoint_url {
-        let usable = endpoint.get_ref().parse::<http::Uri>().ok().filter(|uri| {
-            matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
-        });
+        let usable = endpoint
+            .get_ref()
+            .parse::<http::uri::Uri>()
+            .ok()
+            .filter(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
+            });
         if usable.is_none() {
             c.problem(
                 Some(endpoint),

@@ -175,7 +175,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves one listener until `shutdown` completes, then stops accepting and
 /// drains: in-flight responses finish, idle connections close.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     endpoints: Endpoints,
     site: Arc<Site>,
