@@ -10,7 +10,8 @@ Sections (BENCH_ONLY=name,name... runs a subset):
   keygen    JWKS p99 while an RSA-4096 key is generated, vs nginx beside openssl
   genpkey   key generation per algorithm and size vs `openssl genpkey`
   rotate    `keyroll rotate --now` until the new JWKS is served (file store)
-  idle      idle RSS and CPU per minute, vs an idle nginx serving the same JWKS
+  idle      idle RSS (and its private part) and CPU per minute, vs an idle nginx
+            serving the same JWKS and, with --keyroll-baseline, another build
   many      the daemon with 1,000 keysets: start-up pass, idle RSS and CPU
   reconcile one reconcile pass over 1,000 keysets (benches/reconcile.rs)
   signer    tokens/s and p50/p99 over the sign API socket at 1, 16, 64 clients vs
