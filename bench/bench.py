@@ -559,10 +559,25 @@ def section_rotate(args):
 
 
 def idle_figures(pids, seconds):
-    cpu_before = sum(cpu_seconds(p) for p in pids)
+    before = [thread_cpu(p) for p in pids]
     time.sleep(seconds)
-    cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
-    return sum(rss_kib(p) for p in pids), cpu * 60 / seconds
+    after = [thread_cpu(p) for p in pids]
+    # Per thread: a thread that exits meanwhile (an idle blocking-pool
+    # thread) takes its CPU time with it, which summed totals would count
+    # as negative; threads born meanwhile count from zero.
+    cpu = sum(ns - start.get(tid, 0) for start, end in zip(before, after) for tid, ns in end.items())
+    return sum(rss_kib(p) for p in pids), cpu / 1e9 * 60 / seconds
+
+
+def thread_cpu(pid):
+    """Thread id -> CPU time in nanoseconds, for each live thread of `pid`."""
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            times[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread just exited
+    return times
 
 
 def section_idle(args):
