@@ -5,11 +5,13 @@ absolute numbers drift. Started by bench/run, which builds and installs what
 this needs; standard library only.
 
 Sections (BENCH_ONLY=name,name... runs a subset):
-  serve     JWKS throughput and p99: keyroll vs nginx serving the same bytes
+  serve     JWKS throughput and p99: keyroll vs nginx (auto workers, and one
+            worker) serving the same bytes, at wrk -t2 -c64 and -t1 -c32
   keygen    JWKS p99 while an RSA-4096 key is generated, vs nginx beside openssl
   genpkey   key generation per algorithm and size vs `openssl genpkey`
   rotate    `keyroll rotate --now` until the new JWKS is served (file store)
-  idle      idle RSS and CPU per minute, vs an idle nginx serving the same JWKS
+  idle      idle RSS (and its private part) and CPU per minute, vs an idle nginx
+            serving the same JWKS and, with --keyroll-baseline, another build
   many      the daemon with 1,000 keysets: start-up pass, idle RSS and CPU
   reconcile one reconcile pass over 1,000 keysets (benches/reconcile.rs)
   signer    tokens/s and p50/p99 over the sign API socket at 1, 16, 64 clients vs
@@ -200,7 +202,7 @@ class Nginx:
     """nginx in the foreground on a free port, serving `body` as a static file
     with keyroll's headers (same Content-Type, Cache-Control and ETag)."""
 
-    def __init__(self, body, headers):
+    def __init__(self, body, headers, workers="auto"):
         self.dir = scratch_dir("nginx-bench-")
         os.chmod(self.dir, 0o755)  # workers run as nobody
         self.port = free_port()
@@ -214,7 +216,7 @@ class Nginx:
         conf = self.dir / "nginx.conf"
         conf.write_text(f"""
 daemon off;
-worker_processes auto;
+worker_processes {workers};
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -300,11 +302,11 @@ def rss_kib(pid):
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
-def wrk(url, pids=(), seconds=5):
+def wrk(url, pids=(), seconds=5, threads=WRK_THREADS, connections=WRK_CONNECTIONS):
     """wrk's figures; with `pids`, also the CPU those processes used per request."""
     cpu_before = sum(cpu_seconds(p) for p in pids)
     out = subprocess.run(
-        ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -332,22 +334,30 @@ def served_reference(daemon):
     return headers, body
 
 
+# The wrk settings the serving section runs: bench/run's own, and one wrk
+# thread against 32 connections, where one server thread meets one client
+# thread on the two CPUs (the setting of the JWKS tail in issue 13).
+SERVE_SETTINGS = ((WRK_THREADS, WRK_CONNECTIONS, 5), (1, 32, 8))
+
+
 def section_serve(args):
     rounds = 2 * args.rounds  # cheap, and the noisiest figure
-    say(f"== JWKS serving: keyroll vs nginx, wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} "
-        f"-d{args.serve_seconds}s, {rounds} alternated rounds (ABBA order)")
+    say(f"== JWKS serving: keyroll vs nginx (auto workers = {os.cpu_count()}, and one worker), "
+        f"{rounds} alternated rounds (ABBA order) per wrk setting")
     daemon = Keyroll(args.keyroll, [keyset("default")])
     headers, body = served_reference(daemon)
     nginx = Nginx(body, headers)
+    nginx_one = Nginx(body, headers, workers=1)
     _, nginx_headers, nginx_body = fetch(nginx.url())
-    if nginx_body != body:
+    if nginx_body != body or fetch(nginx_one.url())[2] != body:
         die("nginx does not serve the same bytes")
     say(f"  same {len(body)} bytes; headers keyroll: "
         + ", ".join(f"{k}: {v}" for k, v in headers.items() if k != "date"))
     say("                  nginx:   "
         + ", ".join(f"{k}: {v}" for k, v in nginx_headers.items() if k != "date"))
-    servers = {"keyroll": (daemon.url(), [daemon.process.pid]), "nginx": (nginx.url(), nginx.pids())}
-    others = []
+    servers = {"keyroll": (daemon.url(), [daemon.process.pid]), "nginx": (nginx.url(), nginx.pids()),
+               "nginx-1w": (nginx_one.url(), nginx_one.pids())}
+    others = [nginx, nginx_one]
     if args.keyroll_baseline:
         # Another keyroll build (e.g. before a change), served the same JWKS
         # through its store file, in the same rounds.
@@ -356,32 +366,42 @@ def section_serve(args):
         wait_for("the baseline to serve the same JWKS", lambda: fetch(baseline.url())[2] == body, timeout=60)
         servers["baseline"] = (baseline.url(), [baseline.process.pid])
         others.append(baseline)
+        say(f"  baseline: {args.keyroll_baseline}")
+    for threads, connections, seconds in SERVE_SETTINGS:
+        serve_rounds(servers, rounds, threads, connections, min(seconds, args.serve_seconds or seconds))
+    for server in [daemon, *others]:
+        server.stop()
+
+
+def serve_rounds(servers, rounds, threads, connections, seconds):
+    """One wrk setting: every server in alternated rounds; a table of
+    medians with each keyroll build's ratios to both nginx configurations."""
+    say(f"  -- wrk -t{threads} -c{connections} -d{seconds}s")
     results = {name: [] for name in servers}
-    for name, (url, _) in servers.items():
-        wrk(url, seconds=1)  # warm-up
+    for url, _ in servers.values():
+        wrk(url, seconds=1, threads=threads, connections=connections)  # warm-up
     for r in range(rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
         for name in order:
-            results[name].append(wrk(*servers[name], seconds=args.serve_seconds))
-    for server in [daemon, nginx, *others]:
-        server.stop()
+            url, pids = servers[name]
+            results[name].append(wrk(url, pids, seconds, threads=threads, connections=connections))
+    keyrolls = [name for name in servers if not name.startswith("nginx")]
+    header = ["median of rounds", "nginx", "nginx-1w"]
+    for name in keyrolls:
+        header += [name, "/nginx", "/nginx-1w", "per round /nginx-1w"]
     rows = []
     for metric, label in (("rps", "requests/s"), ("p50", "p50 latency"), ("p99", "p99 latency"),
-                          ("cpu", "server CPU per request")):
+                          ("max", "max latency"), ("cpu", "server CPU per request")):
         show = (lambda v: f"{v:,.0f}") if metric == "rps" else fmt_s
-        row = [label]
-        for name in results:
-            if name == "nginx":
-                continue
-            ratios = [a[metric] / b[metric] for a, b in zip(results[name], results["nginx"])]
-            row += [show(statistics.median(x[metric] for x in results[name])),
-                    f"{statistics.median(ratios):.2f}x", " ".join(f"{x:.2f}" for x in ratios)]
-        row.insert(1, show(statistics.median(x[metric] for x in results["nginx"])))
+        median = lambda name: statistics.median(x[metric] for x in results[name])
+        row = [label, show(median("nginx")), show(median("nginx-1w"))]
+        for name in keyrolls:
+            ratios = {ref: [a[metric] / b[metric] for a, b in zip(results[name], results[ref])]
+                      for ref in ("nginx", "nginx-1w")}
+            row += [show(median(name)), f"{statistics.median(ratios['nginx']):.2f}x",
+                    f"{statistics.median(ratios['nginx-1w']):.2f}x",
+                    " ".join(f"{x:.2f}" for x in ratios["nginx-1w"])]
         rows.append(row)
-    header = ["median of rounds", "nginx", "keyroll", "keyroll/nginx", "per round"]
-    if args.keyroll_baseline:
-        header += ["baseline", "baseline/nginx", "per round"]
-        say(f"  baseline: {args.keyroll_baseline}")
     table(header, rows)
     say()
 
@@ -539,36 +559,80 @@ def section_rotate(args):
 
 
 def idle_figures(pids, seconds):
-    cpu_before = sum(cpu_seconds(p) for p in pids)
+    before = [thread_cpu(p) for p in pids]
     time.sleep(seconds)
-    cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
-    return sum(rss_kib(p) for p in pids), cpu * 60 / seconds
+    after = [thread_cpu(p) for p in pids]
+    # Per thread: a thread that exits meanwhile (an idle blocking-pool
+    # thread) takes its CPU time with it, which summed totals would count
+    # as negative; threads born meanwhile count from zero.
+    cpu = sum(ns - start.get(tid, 0) for start, end in zip(before, after) for tid, ns in end.items())
+    return sum(rss_kib(p) for p in pids), cpu / 1e9 * 60 / seconds
+
+
+def thread_cpu(pid):
+    """Thread id -> CPU time in nanoseconds, for each live thread of `pid`."""
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            times[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread just exited
+    return times
 
 
 def section_idle(args):
     say(f"== Idle: RSS and CPU per minute, measured together over {args.idle_seconds}s "
         "(scaled to a minute; CPU from /proc/PID/task/*/schedstat)")
+    say("   the embedded default's shape: file store, HTTP, one keyset (ES256 + RS256), "
+        "reconcile_interval 30s")
     daemon = Keyroll(args.keyroll, [keyset("default")])
     headers, body = served_reference(daemon)
     nginx = Nginx(body, headers)
+    measured = {"keyroll": [daemon.process.pid], "nginx": nginx.pids()}
+    servers = [daemon, nginx]
+    if args.keyroll_baseline:
+        baseline = Keyroll(args.keyroll_baseline, [keyset("default")])
+        measured["baseline"] = [baseline.process.pid]
+        servers.append(baseline)
     time.sleep(2)  # let start-up work settle
     results = {}
     threads = [threading.Thread(target=lambda n=n, p=p: results.__setitem__(n, idle_figures(p, args.idle_seconds)))
-               for n, p in (("keyroll", [daemon.process.pid]), ("nginx", nginx.pids()))]
+               for n, p in measured.items()]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    daemon.stop()
-    nginx.stop()
-    (k_rss, k_cpu), (n_rss, n_cpu) = results["keyroll"], results["nginx"]
-    table(["", "keyroll", "nginx (master + workers)", "keyroll/nginx"],
-          [["RSS", f"{k_rss / 1024:.1f} MiB", f"{n_rss / 1024:.1f} MiB", f"{k_rss / n_rss:.2f}x"],
-           ["CPU per minute", f"{k_cpu * 1000:.0f} ms", f"{n_cpu * 1000:.0f} ms",
-            f"{k_cpu / n_cpu:.1f}x" if n_cpu > 0 else "(nginx: 0)"]])
-    say("  keyroll idles with the default reconcile_interval (30s) and polls the store for "
-        "changes every 500 ms")
+    thread_counts = {n: sum(len(os.listdir(f"/proc/{pid}/task")) for pid in p) for n, p in measured.items()}
+    private = {n: sum(rss_anon_kib(pid) for pid in p) for n, p in measured.items()}
+    for server in servers:
+        server.stop()
+    n_rss, n_cpu = results["nginx"]
+    header = ["", "nginx (master + workers)"]
+    rows = [["RSS", f"{n_rss / 1024:.1f} MiB"], ["CPU per minute", f"{n_cpu * 1000:.0f} ms"],
+            ["threads (processes for nginx)", str(thread_counts["nginx"])],
+            ["  of the RSS, private (RssAnon)", f"{private['nginx'] / 1024:.1f} MiB"]]
+    for name in measured:
+        if name == "nginx":
+            continue
+        rss, cpu = results[name]
+        header += [name, f"{name}/nginx"]
+        rows[0] += [f"{rss / 1024:.1f} MiB", f"{rss / n_rss:.2f}x"]
+        rows[1] += [f"{cpu * 1000:.1f} ms", f"{cpu / n_cpu:.1f}x" if n_cpu > 0 else "(nginx: 0)"]
+        rows[2] += [str(thread_counts[name]), ""]
+        rows[3] += [f"{private[name] / 1024:.1f} MiB", f"{private[name] / private['nginx']:.2f}x"]
+    table(header, rows)
+    if args.keyroll_baseline:
+        say(f"  baseline: {args.keyroll_baseline}")
+    say("  RSS less RssAnon is the executable's code and read-only data mapped from the page cache")
     say()
+
+
+def rss_anon_kib(pid):
+    """Private memory: RSS less the file-backed pages (code, read-only data)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
 
 
 def section_many(args):
@@ -634,9 +698,10 @@ def main():
     parser.add_argument("--reconcile-bench", required=True)
     parser.add_argument("--signer-bench", required=True)
     parser.add_argument("--keyroll-baseline",
-                        help="another keyroll binary to serve beside (serve section only)")
+                        help="another keyroll binary to measure beside (serve and idle sections)")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)))
-    parser.add_argument("--serve-seconds", type=int, default=5)
+    parser.add_argument("--serve-seconds", type=int, default=0,
+                        help="cap each wrk run of the serve section (default: 5s and 8s)")
     parser.add_argument("--gen-seconds", type=int, default=10)
     parser.add_argument("--idle-seconds", type=int, default=20)
     parser.add_argument("--rotations", type=int, default=15)

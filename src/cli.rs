@@ -394,7 +394,10 @@ fn validate(config: &Config) -> Result<(), CliError> {
         )),
     }
     match config.http_listen {
-        Some(addr) => out.push_str(&format!("http: {addr}\n")),
+        Some(addr) => match config.http_metrics_listen {
+            Some(metrics) => out.push_str(&format!("http: {addr}, /metrics on {metrics}\n")),
+            None => out.push_str(&format!("http: {addr}\n")),
+        },
         None => out.push_str("http: off\n"),
     }
     out.push_str(&format!(

@@ -80,6 +80,12 @@ pub struct Config {
     pub store: StoreSettings,
     /// `None`: the `[http]` table is absent, nothing is served.
     pub http_listen: Option<SocketAddr>,
+    /// `[http] metrics_listen`: `/metrics` is served there, and not on
+    /// `http_listen`.
+    pub http_metrics_listen: Option<SocketAddr>,
+    /// `[http] max_connections_per_client`: open connections one client
+    /// address (an IPv6 /64) may hold on each listener.
+    pub http_max_connections_per_client: usize,
     pub keysets: Vec<KeysetPolicy>,
     /// Legal but doubtful settings, shown by `validate` and logged by `run`.
     pub warnings: Vec<String>,
@@ -123,6 +129,11 @@ pub struct KubernetesSigner {
 /// (upstream's `max_token_expiration_seconds` "must be at least 600s").
 pub const KUBERNETES_MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
 const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Open HTTP connections at most, per listener (`publish::http`).
+pub const MAX_HTTP_CONNECTIONS: usize = 4096;
+/// One client may hold a sixteenth of them: a reverse proxy or a NAT
+/// gateway keeps many connections, but one address cannot take them all.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreSettings {
@@ -300,6 +311,8 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Spanned<String>,
+    metrics_listen: Option<Spanned<String>>,
+    max_connections_per_client: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -503,19 +516,8 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
             .unwrap_or_else(|| PathBuf::from("keyroll-state")),
     };
     let store = build_store(raw.store, &state_dir, c);
-    let http_listen = raw
-        .http
-        .and_then(|http| match http.listen.get_ref().parse() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                let message = format!(
-                    "{:?} is not an address to listen on (like 127.0.0.1:8080 or [::]:8080)",
-                    http.listen.get_ref()
-                );
-                c.problem(Some(&http.listen), "http.listen", message);
-                None
-            }
-        });
+    let (http_listen, http_metrics_listen, http_max_connections_per_client) =
+        build_http(raw.http, c);
     let mut warnings = Vec::new();
     let mut keysets = Vec::new();
     let mut default_algs = BTreeMap::new();
@@ -571,10 +573,65 @@ fn build(raw: RawConfig, source: ConfigSource, context: &ParseContext, c: &mut C
         state_dir,
         store,
         http_listen,
+        http_metrics_listen,
+        http_max_connections_per_client,
         keysets,
         warnings,
         signer,
     }
+}
+
+/// `[http]`: the listen addresses and the per-client connection cap.
+fn build_http(
+    raw: Option<RawHttp>,
+    c: &mut Checker,
+) -> (Option<SocketAddr>, Option<SocketAddr>, usize) {
+    let Some(raw) = raw else {
+        return (None, None, DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+    };
+    let mut address = |value: &Spanned<String>, key: &str| match value.get_ref().parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            let message = format!(
+                "{:?} is not an address to listen on (like 127.0.0.1:8080 or [::]:8080)",
+                value.get_ref()
+            );
+            c.problem(Some(value), key, message);
+            None
+        }
+    };
+    let listen = address(&raw.listen, "http.listen");
+    let metrics_listen = raw
+        .metrics_listen
+        .as_ref()
+        .and_then(|value| address(value, "http.metrics_listen"));
+    if let (Some(value), Some(addr)) = (&raw.metrics_listen, metrics_listen) {
+        if Some(addr) == listen {
+            c.problem(
+                Some(value),
+                "http.metrics_listen",
+                format!("{addr} is also http.listen: give /metrics its own address, or remove metrics_listen to serve it on http.listen"),
+            );
+        }
+    }
+    let per_client = match &raw.max_connections_per_client {
+        None => DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        Some(value) => match usize::try_from(*value.get_ref()) {
+            Ok(n) if (1..=MAX_HTTP_CONNECTIONS).contains(&n) => n,
+            _ => {
+                c.problem(
+                    Some(value),
+                    "http.max_connections_per_client",
+                    format!(
+                        "{} is not between 1 and {MAX_HTTP_CONNECTIONS} (the server's connection cap)",
+                        value.get_ref()
+                    ),
+                );
+                DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+            }
+        },
+    };
+    (listen, metrics_listen, per_client)
 }
 
 /// The first algorithm a keyset's `algorithms` names, as written.
@@ -736,7 +793,7 @@ fn check_aws_settings(raw: &RawStore, c: &mut Checker) {
     if let Some(endpoint) = &raw.endpoint_url {
         let usable = endpoint
             .get_ref()
-            .parse::<axum::http::Uri>()
+            .parse::<http::uri::Uri>()
             .ok()
             .filter(|uri| {
                 matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
@@ -1486,6 +1543,53 @@ mod tests {
                 dir: PathBuf::from("keyroll-state/keysets")
             }
         );
+    }
+
+    #[test]
+    fn http_metrics_listen_and_client_cap_are_checked_with_their_lines() {
+        let config = parse(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nmetrics_listen = \"127.0.0.1:9090\"\nmax_connections_per_client = 16\n[[keysets]]\nname = \"a\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.http_metrics_listen,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(config.http_max_connections_per_client, 16);
+        let default =
+            parse("[http]\nlisten = \"127.0.0.1:8080\"\n[[keysets]]\nname = \"a\"\n").unwrap();
+        assert_eq!(default.http_metrics_listen, None);
+        assert_eq!(
+            default.http_max_connections_per_client,
+            DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+        );
+
+        let err = parse(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nmetrics_listen = \"localhost\"\nmax_connections_per_client = 0\n[[keysets]]\nname = \"a\"\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("http.metrics_listen", Some(3)),
+                ("http.max_connections_per_client", Some(4))
+            ],
+            "{err}"
+        );
+        let err = parse(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nmetrics_listen = \"127.0.0.1:8080\"\n[[keysets]]\nname = \"a\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "http.metrics_listen", "{err}");
+        assert!(err.to_string().contains("also http.listen"), "{err}");
+        let err = parse("[http]\nlisten = \"127.0.0.1:8080\"\nmax_connections_per_client = 5000\n[[keysets]]\nname = \"a\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("between 1 and 4096"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -317,18 +316,27 @@ impl Daemon {
         let Some(addr) = self.config.http_listen else {
             return Ok(None);
         };
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Listen { addr, source })?;
-        let (served, metrics) = (self.served.clone(), self.metrics.clone());
+        let metrics_listen = self.config.http_metrics_listen;
+        let public = publish::http::Endpoints::Public {
+            metrics: metrics_listen.is_none(),
+        };
+        let mut listeners = vec![(addr, public)];
+        listeners.extend(metrics_listen.map(|addr| (addr, publish::http::Endpoints::Metrics)));
+        let site = publish::http::Site {
+            served: self.served.clone(),
+            metrics: self.metrics.clone(),
+            per_client: self.config.http_max_connections_per_client,
+        };
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        Ok(Some(tokio::spawn(async move {
-            if let Err(e) = publish::http::serve(listener, served, metrics, shutdown).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        })))
+        let drained = publish::http::start(listeners, site, shutdown)
+            .await
+            .map_err(|e| DaemonError::Listen {
+                addr: e.addr,
+                source: e.source,
+            })?;
+        Ok(Some(tokio::spawn(drained)))
     }
 
     /// Pings WATCHDOG=1 at half of `WatchdogSec`, unless the running pass
@@ -434,11 +442,15 @@ impl Daemon {
         if crate::signer::needs_restart(&self.config, &config) {
             tracing::warn!("[signer] sockets changed: restart keyroll to apply them");
         }
-        if config.http_listen != self.config.http_listen {
+        let http = |c: &Config| {
+            let per_client = c.http_max_connections_per_client;
+            (c.http_listen, c.http_metrics_listen, per_client)
+        };
+        if http(&config) != http(&self.config) {
             tracing::warn!(
                 running = ?self.config.http_listen,
                 configured = ?config.http_listen,
-                "http.listen changed: restart keyroll to apply it"
+                "[http] changed: restart keyroll to apply it"
             );
         }
         for config_warning in &config.warnings {

@@ -96,6 +96,9 @@ pub struct Metrics {
     ready: Gauge,
     tokens_signed: Family<SlotLabels, Counter>,
     sign_refused: Family<RefusalLabels, Counter>,
+    /// HTTP connections closed at accept because their client already held
+    /// `[http] max_connections_per_client`.
+    http_refused: Counter,
     /// Activation instants, so the age is computed when scraped, not when
     /// the last reconcile happened to run.
     activations: Mutex<HashMap<(String, Alg), Timestamp>>,
@@ -196,8 +199,15 @@ impl Metrics {
             "Sign requests the signer refused, by reason",
             sign_refused.clone(),
         );
+        let http_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once because their client held max_connections_per_client",
+            http_refused.clone(),
+        );
         Metrics {
             registry,
+            http_refused,
             tokens_signed,
             sign_refused,
             keys,
@@ -316,6 +326,11 @@ impl Metrics {
             reason: reason.to_string(),
         };
         self.sign_refused.get_or_create(&labels).inc();
+    }
+
+    /// One HTTP connection refused: its client held its share of connections.
+    pub fn http_connection_refused(&self) {
+        self.http_refused.inc();
     }
 
     /// SPEC C2: `missing` while a keyset's stored document is gone although

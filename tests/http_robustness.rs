@@ -156,7 +156,13 @@ fn slowloris(port: u16, count: usize) -> thread::JoinHandle<usize> {
 #[test]
 fn idle_slow_and_oversized_clients_do_not_stop_jwks_serving() {
     let sb = Sandbox::new();
-    sb.write_config(&keyset_block("default", &["ES256"], STEADY, ""));
+    // Every client here is 127.0.0.1: the per-client cap (tested below) is
+    // lifted to the server's whole 4,096 so that the idle connections reach
+    // the server-wide limits this test is about.
+    sb.write_config(&format!(
+        "max_connections_per_client = 4096\n{}",
+        keyset_block("default", &["ES256"], STEADY, "")
+    ));
     let mut daemon = sb.spawn(&[]);
     wait_ready(&mut daemon, &sb);
     let reference = get_ok(&sb.url("/.well-known/jwks.json")).expect("the JWKS");
@@ -280,4 +286,231 @@ fn running_out_of_file_descriptors_does_not_stop_serving() {
     let reply = wait_jwks_served(&mut daemon, &sb, "a JWKS 200 at the end");
     assert_eq!(reply.body, reference.body);
     daemon.stop_cleanly("TERM");
+}
+
+/// A connection to the daemon from the loopback address `source`: each
+/// address of 127.0.0.0/8 is another client to the server.
+fn connect_from(sb: &Sandbox, source: [u8; 4]) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("a runtime");
+    let stream = runtime
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((std::net::Ipv4Addr::from(source), 0).into())?;
+            socket.connect(([127, 0, 0, 1], sb.port).into()).await
+        })
+        .expect("connect to keyroll from another loopback address");
+    let stream = runtime
+        .block_on(async { stream.into_std() })
+        .expect("a std stream");
+    stream.set_nonblocking(false).expect("set blocking");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("set a read timeout");
+    stream
+}
+
+/// Sends `GET path` on a kept-alive connection and waits for its status line.
+fn status_on(stream: &mut TcpStream, path: &str) -> Result<u16, String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: keyroll\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut reply = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match peek(stream) {
+            Peek::Data(bytes) => reply.extend(bytes),
+            Peek::Closed => {
+                return Err(format!(
+                    "closed after {:?}",
+                    String::from_utf8_lossy(&reply)
+                ))
+            }
+            Peek::Open if Instant::now() > deadline => return Err("no answer".into()),
+            Peek::Open => thread::sleep(Duration::from_millis(10)),
+        }
+        if let Some(code) = reply.get(9..12) {
+            return String::from_utf8_lossy(code)
+                .parse()
+                .map_err(|e| format!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn one_client_cannot_hold_every_connection_and_metrics_have_their_own_listener() {
+    let sb = Sandbox::new();
+    let metrics_port = free_port();
+    sb.write_config(&format!(
+        "max_connections_per_client = 8\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{}",
+        keyset_block("default", &["ES256"], STEADY, "")
+    ));
+    let mut daemon = sb.spawn(&[]);
+    wait_ready(&mut daemon, &sb);
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+
+    // /metrics is served on its own listener only, and nothing else is.
+    assert_eq!(get(&sb.url("/metrics")).expect("GET /metrics").status, 404);
+    let on_metrics_port = |path: &str| {
+        get(&format!("http://127.0.0.1:{metrics_port}{path}"))
+            .expect("GET")
+            .status
+    };
+    assert_eq!(on_metrics_port("/.well-known/jwks.json"), 404);
+    assert_eq!(on_metrics_port("/healthz"), 404);
+    let refused = |daemon: &mut Daemon| {
+        let text = daemon.until("/metrics on metrics_listen", LONG, || {
+            get_ok(&metrics_url).map(|reply| reply.text())
+        });
+        metric(&text, "keyroll_http_connections_refused_total", &[])
+            .expect("keyroll_http_connections_refused_total")
+    };
+    assert_eq!(refused(&mut daemon), 0.0);
+
+    // One client takes its eight connections, each answered.
+    let greedy = [127, 0, 0, 2];
+    let mut held: Vec<TcpStream> = (0..8).map(|_| connect_from(&sb, greedy)).collect();
+    for stream in &mut held {
+        assert_eq!(status_on(stream, "/healthz"), Ok(200));
+    }
+    // Its ninth is closed at once, unanswered, and counted.
+    let mut ninth = connect_from(&sb, greedy);
+    let _ = ninth.write_all(b"GET /healthz HTTP/1.1\r\nHost: keyroll\r\n\r\n");
+    daemon.until("the ninth connection to be closed", LONG, || {
+        match peek(&mut ninth) {
+            Peek::Closed => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(refused(&mut daemon), 1.0);
+    // Other clients are served meanwhile.
+    let reply = wait_jwks_served(&mut daemon, &sb, "a JWKS 200 for another client");
+    assert_eq!(reply.status, 200);
+    let mut neighbour = connect_from(&sb, [127, 0, 0, 3]);
+    assert_eq!(status_on(&mut neighbour, "/.well-known/jwks.json"), Ok(200));
+
+    // Once it closes one, the greedy client gets a connection again.
+    drop(held.pop());
+    daemon.until("room for the greedy client again", LONG, || {
+        let mut stream = connect_from(&sb, greedy);
+        status_on(&mut stream, "/healthz")
+    });
+    daemon.stop_cleanly("TERM");
+}
+
+/// Splits `bytes` into whole HTTP responses with a `content-length`; the
+/// count, and the bytes left over after the last whole one.
+fn whole_responses(bytes: &[u8]) -> (usize, usize) {
+    let (mut count, mut at) = (0, 0);
+    while let Some(head_end) = bytes[at..].windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[at..at + head_end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "a response: {head}");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no content-length in {head}"));
+        let end = at + head_end + 4 + length;
+        if end > bytes.len() {
+            break;
+        }
+        count += 1;
+        at = end;
+    }
+    (count, bytes.len() - at)
+}
+
+#[test]
+fn sigterm_drains_in_flight_and_kept_alive_connections() {
+    let sb = Sandbox::new();
+    // A hundred keysets make /metrics a response of a few hundred KB.
+    let keysets: String = (0..100)
+        .map(|n| keyset_block(&format!("k{n:03}"), &["ES256"], STEADY, ""))
+        .collect();
+    sb.write_config(&keysets);
+    let mut daemon = sb.spawn(&[]);
+    wait_ready(&mut daemon, &sb);
+
+    // A kept-alive connection, idle after one request.
+    let mut kept_alive = connect(&sb);
+    assert_eq!(status_on(&mut kept_alive, "/healthz"), Ok(200));
+
+    // A connection with a response in flight: 40 pipelined /metrics
+    // requests (one kilobyte, taken whole by the server's first read, so
+    // none is left unread in its socket when it closes) whose responses
+    // (megabytes, more than the sockets' buffers hold) are not read yet:
+    // the server is blocked writing one when SIGTERM arrives.
+    let mut busy = connect(&sb);
+    let pipelined = 40;
+    let request = b"GET /metrics HTTP/1.1\r\n\r\n".repeat(pipelined);
+    busy.write_all(&request)
+        .expect("send the pipelined requests");
+    daemon.until("the pipelined responses to start", LONG, || {
+        let mut probe = [0u8; 1];
+        busy.set_nonblocking(true).expect("non-blocking");
+        let seen = busy.peek(&mut probe);
+        busy.set_nonblocking(false).expect("blocking");
+        match seen {
+            Ok(1) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    let (go, start_reading) = std::sync::mpsc::channel::<()>();
+    let reader = thread::spawn(move || -> Result<Vec<u8>, String> {
+        let _ = start_reading.recv();
+        busy.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match busy.read(&mut buf) {
+                Ok(0) => return Ok(received),
+                Ok(n) => {
+                    received.extend_from_slice(&buf[..n]);
+                    // A slow client (about 10 MB/s): the responses are not
+                    // all taken before SIGTERM reaches the daemon.
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(format!("after {} bytes: {e}", received.len())),
+            }
+        }
+    });
+    let _ = go.send(());
+    let (status, took) = daemon.stop("TERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM exits 0:\n{}",
+        tail(&daemon.stderr())
+    );
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    let received = reader
+        .join()
+        .expect("the reader thread")
+        .unwrap_or_else(|e| panic!("the in-flight connection did not end cleanly: {e}"));
+    let (answered, partial) = whole_responses(&received);
+    assert_eq!(
+        partial, 0,
+        "a response cut short after {answered} whole ones"
+    );
+    assert!(
+        (1..pipelined).contains(&answered),
+        "{answered} of {pipelined} responses ({} bytes): the test needs one in flight at SIGTERM",
+        received.len()
+    );
+    assert_eq!(
+        peek(&mut kept_alive),
+        Peek::Closed,
+        "the kept-alive connection"
+    );
+    let log = daemon.stderr();
+    assert!(
+        !log.contains("still open at shutdown were dropped"),
+        "every connection drained before the deadline:\n{}",
+        tail(&log)
+    );
 }

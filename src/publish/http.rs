@@ -1,36 +1,41 @@
 //! The HTTP endpoints (SPEC §4): JWKS per keyset with a strong ETag,
 //! `If-None-Match` → 304 and `Cache-Control`; the same for OpenID discovery
-//! documents and `jwks_uri` paths; `/healthz`, `/readyz`,
-//! `/metrics`. Requests read a pre-rendered snapshot; they never touch the
-//! store or wait for a reconcile.
+//! documents and `jwks_uri` paths; `/healthz`, `/readyz`, and `/metrics`
+//! (on `[http] metrics_listen` when set). Requests read a pre-rendered
+//! snapshot; they never touch the store or wait for a reconcile.
 //!
-//! The accept loop is ours rather than `axum::serve`, so that idle, slow and
-//! oversized requests cannot stop JWKS serving: every connection has a
+//! The listeners run on one thread of their own with a single-threaded
+//! runtime, as one nginx worker does: JWKS requests never queue behind a
+//! reconcile pass or a signature, and no second thread is woken to steal
+//! work (docs/BENCHMARKS.md, "A tight tail"). Idle, slow, oversized and
+//! greedy clients cannot stop JWKS serving: every connection has a
 //! header-read deadline (which also closes idle keep-alive connections), a
-//! header size limit and a maximum age; open connections are capped, and
-//! running out of file descriptors pauses accepting instead of failing.
+//! header size limit and a maximum age; open connections are capped, in all
+//! and per client address; running out of file descriptors pauses accepting
+//! instead of failing. Shutdown drains through hyper-util's
+//! [`GracefulShutdown`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::future::{ready, Future, Ready};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::any;
-use axum::Router;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use super::discovery::{Route, DISCOVERY_CONTENT_TYPE};
 use super::{JwksDocument, ServedState};
+use crate::config::MAX_HTTP_CONNECTIONS;
 use crate::metrics::Metrics;
 
 pub const JWKS_CONTENT_TYPE: &str = "application/jwk-set+json";
@@ -44,98 +49,362 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// No endpoint takes a body; a request declaring more than this gets `413`.
 const MAX_BODY_BYTES: u64 = 16 * 1024;
-/// Open connections at most. Beyond it new connections wait in the kernel's
-/// accept queue until others close (idle ones at the latest
-/// `HEADER_READ_TIMEOUT` after going idle).
-const MAX_CONNECTIONS: usize = 4096;
-/// A connection is asked to close after this long even if busy, and dropped
-/// `CLOSE_GRACE` later: bounds a client that never reads its responses.
+/// Responses after this age carry `Connection: close`, and a connection
+/// still open `CLOSE_GRACE` later is dropped: bounds a client that never
+/// reads its responses.
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop
 /// neither spins nor gives up; serving resumes once descriptors free up.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// The kernel's queue of connections not yet accepted (as `TcpListener::bind`).
+const BACKLOG: u32 = 1024;
 
-#[derive(Clone)]
-struct AppState {
-    served: ServedState,
-    metrics: Arc<Metrics>,
+type Body = Full<Bytes>;
+
+/// What one listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// JWKS, discovery, `/healthz`, `/readyz`, and `/metrics` unless it has
+    /// a listener of its own.
+    Public { metrics: bool },
+    /// `[http] metrics_listen`: `/metrics` only.
+    Metrics,
 }
 
-/// Everything but the JWKS, which [`Front`] answers before routing.
-fn router(served: ServedState, metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/healthz", any(healthz))
-        .route("/readyz", any(readyz))
-        .route("/metrics", any(metrics_text))
-        .fallback(|| async { not_found() })
-        .with_state(AppState { served, metrics })
+/// What every listener shares.
+pub struct Site {
+    pub served: ServedState,
+    pub metrics: Arc<Metrics>,
+    /// Open connections one client address may hold on each listener.
+    pub per_client: usize,
 }
 
-/// Each connection's service. JWKS requests, nearly all the traffic, are
-/// answered straight from the served snapshot: the router's per-request
-/// layers (boxed services, extractors cloning the header map) made keyroll
-/// serve fewer requests per second than nginx serving a file
-/// (docs/BENCHMARKS.md). Health, readiness and metrics go through the router.
-#[derive(Clone)]
-struct Front {
-    served: ServedState,
-    router: TowerToHyperService<Router>,
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
 }
 
-impl hyper::service::Service<hyper::Request<Incoming>> for Front {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Answer;
+/// Binds every listener, then serves them on a thread of its own until
+/// `shutdown` completes. Returns once all are bound; the returned future
+/// completes when every connection has drained (the caller bounds how long
+/// it waits).
+pub async fn start(
+    listeners: Vec<(SocketAddr, Endpoints)>,
+    site: Site,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = ()>, ListenError> {
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let first = listeners.first().map(|(addr, _)| *addr);
+    let thread_error = |source| ListenError {
+        addr: first.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(thread_error)?;
+    std::thread::Builder::new()
+        .name("keyroll-http".into())
+        .spawn(move || {
+            runtime.block_on(serve_all(listeners, site, shutdown, bound_tx));
+            // Dropped when the runtime is: the daemon waits for this.
+            drop(done_tx);
+        })
+        .map_err(thread_error)?;
+    match bound_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => return Err(thread_error(std::io::Error::other("the HTTP thread ended"))),
+    }
+    Ok(async move {
+        let _ = done_rx.await;
+    })
+}
 
-    fn call(&self, request: hyper::Request<Incoming>) -> Answer {
-        if declares_large_body(request.headers()) {
-            let response = (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-            return Answer::Now(std::future::ready(Ok(response.into_response())));
-        }
-        let Some(wanted) = jwks_path(request.uri().path()) else {
-            if let Some(response) = self.discovery_route(&request) {
-                return Answer::Now(std::future::ready(Ok(response)));
+async fn serve_all(
+    listeners: Vec<(SocketAddr, Endpoints)>,
+    site: Site,
+    shutdown: impl Future<Output = ()>,
+    bound: oneshot::Sender<Result<(), ListenError>>,
+) {
+    let mut bound_listeners = Vec::new();
+    for (addr, endpoints) in listeners {
+        match bind(addr) {
+            Ok(listener) => bound_listeners.push((listener, endpoints)),
+            Err(source) => {
+                let _ = bound.send(Err(ListenError { addr, source }));
+                return;
             }
-            return Answer::Routed(Box::pin(self.router.call(request)));
+        }
+    }
+    let _ = bound.send(Ok(()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let site = Arc::new(site);
+    let servers: Vec<_> = bound_listeners
+        .into_iter()
+        .map(|(listener, endpoints)| {
+            let mut stopped = stopped.clone();
+            let until = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            tokio::spawn(serve(listener, endpoints, site.clone(), until))
+        })
+        .collect();
+    shutdown.await;
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
+}
+
+/// As `TcpListener::bind` (`SO_REUSEADDR`, so a restart binds at once), on
+/// the calling runtime.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Serves one listener until `shutdown` completes, then stops accepting and
+/// drains: in-flight responses finish, idle connections close.
+async fn serve(
+    listener: TcpListener,
+    endpoints: Endpoints,
+    site: Arc<Site>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES);
+    let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let clients = Clients::new(site.per_client);
+    let graceful = GracefulShutdown::new();
+    let mut accept_failing = false;
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = accept(&listener, &slots) => accepted,
         };
-        let served = self.served.load();
-        let name = match wanted {
-            JwksPath::Default => served.default_keyset.as_deref(),
-            JwksPath::Named(name) => Some(name),
+        let (stream, peer, slot) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                if !std::mem::replace(&mut accept_failing, true) {
+                    tracing::warn!(%error, "HTTP cannot accept connections; retrying");
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
         };
-        let jwks = name.and_then(|name| served.keysets.get(name));
-        let response = document_response(
-            request.method(),
-            request.headers(),
-            jwks.map(|j| j.as_ref()),
-            JWKS_CONTENT_TYPE,
-        );
-        Answer::Now(std::future::ready(Ok(response)))
+        if std::mem::take(&mut accept_failing) {
+            tracing::info!("HTTP accepting connections again");
+        }
+        let Some(client) = clients.admit(peer.ip()) else {
+            tracing::debug!(client = %peer.ip(), "HTTP connection refused: the client holds its share of connections");
+            site.metrics.http_connection_refused();
+            continue;
+        };
+        let service = Front {
+            site: site.clone(),
+            endpoints,
+            born: Instant::now(),
+        };
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _held = (slot, client);
+            match tokio::time::timeout(MAX_CONNECTION_AGE + CLOSE_GRACE, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "HTTP connection ended with an error"),
+                Err(_) => tracing::debug!("HTTP connection dropped past its maximum age"),
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    // The semaphore is never closed, so acquiring cannot fail.
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(std::io::Error::other)?;
+    let (stream, peer) = listener.accept().await?;
+    // Responses are written whole; waiting to coalesce them only adds latency.
+    let _ = stream.set_nodelay(true);
+    Ok((stream, peer, slot))
+}
+
+/// Open connections per client address. An IPv6 client counts by its /64,
+/// the prefix one host usually holds whole.
+#[derive(Clone)]
+struct Clients {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    limit: usize,
+}
+
+impl Clients {
+    fn new(limit: usize) -> Self {
+        Clients {
+            open: Arc::default(),
+            limit,
+        }
+    }
+
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(prefix))
+            }
+            v4 => v4,
+        }
+    }
+
+    /// A hold on one of `ip`'s connections, or `None` at its limit.
+    fn admit(&self, ip: IpAddr) -> Option<ClientHold> {
+        let key = Self::key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientHold {
+            clients: self.clone(),
+            key,
+        })
+    }
+}
+
+/// Released when its connection ends.
+struct ClientHold {
+    clients: Clients,
+    key: IpAddr,
+}
+
+impl Drop for ClientHold {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// One connection's service. Every answer is ready at once: built from the
+/// served snapshot with header values rendered beforehand, no routing
+/// layers, no boxing.
+struct Front {
+    site: Arc<Site>,
+    endpoints: Endpoints,
+    born: Instant,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Front {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Body>, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let mut response = self.answer(&request);
+        if self.born.elapsed() >= MAX_CONNECTION_AGE {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        ready(Ok(response))
     }
 }
 
 impl Front {
-    /// The answer on an OpenID discovery route (a keyset's
-    /// `openid-configuration`, or its `jwks_uri` path), from the same
-    /// snapshot as the JWKS; `None` for any other path. Until the keyset's
-    /// JWKS is published, its discovery routes answer 404 like its JWKS.
-    fn discovery_route(&self, request: &hyper::Request<Incoming>) -> Option<Response> {
-        let served = self.served.load();
-        let route = served.routes.get(request.uri().path())?;
-        let jwks = served.keysets.get(route.keyset());
-        let (method, headers) = (request.method(), request.headers());
-        Some(match route {
-            Route::Discovery { document, .. } => document_response(
+    fn answer(&self, request: &Request<Incoming>) -> Response<Body> {
+        let (method, headers, path) = (request.method(), request.headers(), request.uri().path());
+        if declares_large_body(headers) {
+            return text(
                 method,
-                headers,
-                jwks.map(|_| document.as_ref()),
-                DISCOVERY_CONTENT_TYPE,
-            ),
-            Route::Jwks { .. } => {
-                document_response(method, headers, jwks.map(|j| j.as_ref()), JWKS_CONTENT_TYPE)
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+            );
+        }
+        let with_metrics = match self.endpoints {
+            Endpoints::Metrics if path == "/metrics" => return self.metrics_text(method),
+            Endpoints::Metrics => return not_found(),
+            Endpoints::Public { metrics } => metrics,
+        };
+        let served = self.site.served.load();
+        if let Some(wanted) = jwks_path(path) {
+            let name = match wanted {
+                JwksPath::Default => served.default_keyset.as_deref(),
+                JwksPath::Named(name) => Some(name),
+            };
+            let jwks = name.and_then(|name| served.keysets.get(name));
+            return document_response(method, headers, jwks.map(|j| j.as_ref()), JWKS_CONTENT_TYPE);
+        }
+        // Until the keyset's JWKS is published, its discovery routes answer
+        // 404 like its JWKS.
+        if let Some(route) = served.routes.get(path) {
+            let jwks = served.keysets.get(route.keyset());
+            return match route {
+                Route::Discovery { document, .. } => document_response(
+                    method,
+                    headers,
+                    jwks.map(|_| document.as_ref()),
+                    DISCOVERY_CONTENT_TYPE,
+                ),
+                Route::Jwks { .. } => {
+                    document_response(method, headers, jwks.map(|j| j.as_ref()), JWKS_CONTENT_TYPE)
+                }
+            };
+        }
+        match path {
+            "/healthz" if readable(method) => text(method, StatusCode::OK, "ok\n"),
+            "/readyz" if readable(method) => {
+                let missing = served.not_ready();
+                if missing.is_empty() {
+                    text(method, StatusCode::OK, "ready\n")
+                } else {
+                    let body = format!("not ready: {}\n", missing.join("; "));
+                    text(method, StatusCode::SERVICE_UNAVAILABLE, body)
+                }
             }
-        })
+            "/metrics" if with_metrics => self.metrics_text(method),
+            _ => not_found(),
+        }
+    }
+
+    fn metrics_text(&self, method: &Method) -> Response<Body> {
+        if !readable(method) {
+            return not_found();
+        }
+        // keyroll_ready mirrors /readyz at the instant of the scrape.
+        let site = &self.site;
+        site.metrics.set_ready(site.served.load().ready());
+        let body = site.metrics.encode(&crate::clock::SystemClock);
+        let mut response = Response::new(body_for(method, body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        );
+        response
     }
 }
 
@@ -158,135 +427,6 @@ fn jwks_path(path: &str) -> Option<JwksPath<'_>> {
         .map(JwksPath::Named)
 }
 
-type Routed = std::pin::Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-/// A JWKS answer, ready at once, or the router's future.
-enum Answer {
-    Now(std::future::Ready<Result<Response, Infallible>>),
-    Routed(Routed),
-}
-
-impl Future for Answer {
-    type Output = Result<Response, Infallible>;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Answer::Now(ready) => std::pin::Pin::new(ready).poll(cx),
-            Answer::Routed(routed) => routed.as_mut().poll(cx),
-        }
-    }
-}
-
-/// Serves until `shutdown` completes, then stops accepting, lets in-flight
-/// requests finish and closes idle connections; returns once every
-/// connection has closed (the caller bounds how long it waits).
-pub async fn serve(
-    listener: TcpListener,
-    served: ServedState,
-    metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let service = Front {
-        router: TowerToHyperService::new(router(served.clone(), metrics)),
-        served,
-    };
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_header_size(MAX_HEADER_BYTES);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let (draining, drain) = watch::channel(false);
-    let mut accept_failing = false;
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            accepted = accept(&listener, &slots) => accepted,
-        };
-        match accepted {
-            Ok((stream, slot)) => {
-                if std::mem::take(&mut accept_failing) {
-                    tracing::info!("HTTP accepting connections again");
-                }
-                let connection = serve_connection(stream, http.clone(), service.clone());
-                tokio::spawn(until_drained(connection, drain.clone(), slot));
-            }
-            Err(error) => {
-                if !std::mem::replace(&mut accept_failing, true) {
-                    tracing::warn!(%error, "HTTP cannot accept connections; retrying");
-                }
-                tokio::time::sleep(ACCEPT_RETRY).await;
-            }
-        }
-    }
-    drop(listener);
-    let _ = draining.send(true);
-    // Each connection holds a slot until it has closed.
-    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
-    Ok(())
-}
-
-/// Waits for a free connection slot, then for a connection.
-async fn accept(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-) -> std::io::Result<(TcpStream, OwnedSemaphorePermit)> {
-    // The semaphore is never closed, so acquiring cannot fail.
-    let slot = slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(std::io::Error::other)?;
-    let (stream, _) = listener.accept().await?;
-    // Responses are written whole; waiting to coalesce them only adds latency.
-    let _ = stream.set_nodelay(true);
-    Ok((stream, slot))
-}
-
-type Connection = http1::Connection<TokioIo<TcpStream>, Front>;
-
-fn serve_connection(stream: TcpStream, http: http1::Builder, service: Front) -> Connection {
-    http.serve_connection(TokioIo::new(stream), service)
-}
-
-/// Drives one connection until it ends, closing it gracefully when the
-/// server drains or the connection reaches `MAX_CONNECTION_AGE`, and
-/// dropping it if it still has not closed `CLOSE_GRACE` after that.
-async fn until_drained(
-    connection: Connection,
-    mut drain: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
-) {
-    tokio::pin!(connection);
-    let deadline = tokio::time::sleep(MAX_CONNECTION_AGE);
-    tokio::pin!(deadline);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "HTTP connection ended with an error");
-                }
-                return;
-            }
-            _ = drain.wait_for(|stop| *stop), if !closing => {
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-                deadline.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
-            }
-            _ = &mut deadline => {
-                if closing {
-                    return;
-                }
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-                deadline.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
-            }
-        }
-    }
-}
-
 /// A request declaring a body larger than any endpoint could want gets
 /// `413`; the body is never read, so hyper closes the connection after.
 fn declares_large_body(headers: &HeaderMap) -> bool {
@@ -297,8 +437,10 @@ fn declares_large_body(headers: &HeaderMap) -> bool {
         .is_some_and(|length| length > MAX_BODY_BYTES)
 }
 
-fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, "not found\n").into_response()
+fn not_found() -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
 }
 
 fn readable(method: &Method) -> bool {
@@ -306,12 +448,22 @@ fn readable(method: &Method) -> bool {
 }
 
 /// The body for GET, none for HEAD (same headers either way).
-fn body_for(method: &Method, body: impl Into<Body>) -> Body {
+fn body_for(method: &Method, body: impl Into<Bytes>) -> Body {
     if method == Method::HEAD {
-        Body::empty()
+        Full::new(Bytes::new())
     } else {
-        body.into()
+        Full::new(body.into())
     }
+}
+
+fn text(method: &Method, status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(body_for(method, body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// RFC 9110 §13.1.2: `If-None-Match` uses the weak comparison, so `W/"x"`
@@ -333,25 +485,21 @@ fn document_response(
     headers: &HeaderMap,
     jwks: Option<&JwksDocument>,
     content_type: &'static str,
-) -> Response {
+) -> Response<Body> {
     let (Some(jwks), true) = (jwks, readable(method)) else {
         return not_found();
     };
     let not_modified = none_match(headers, &jwks.etag);
-    let mut response = if not_modified {
-        Response::new(Body::empty())
+    let body = if not_modified {
+        Full::new(Bytes::new())
     } else {
-        Response::new(body_for(method, jwks.body.clone()))
+        body_for(method, jwks.body.clone())
     };
+    let mut response = Response::new(body);
     let out = response.headers_mut();
-    // Both are ASCII (a quoted base64url digest, digits): always valid values.
-    if let Ok(etag) = HeaderValue::from_str(&jwks.etag) {
-        out.insert(header::ETAG, etag);
-    }
-    let cache_control = format!("public, max-age={}", jwks.max_age_seconds);
-    if let Ok(cache_control) = HeaderValue::from_str(&cache_control) {
-        out.insert(header::CACHE_CONTROL, cache_control);
-    }
+    out.reserve(4);
+    out.insert(header::ETAG, jwks.etag_header.clone());
+    out.insert(header::CACHE_CONTROL, jwks.cache_control.clone());
     if not_modified {
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         return response;
@@ -361,57 +509,34 @@ fn document_response(
     response
 }
 
-fn text(method: &Method, status: StatusCode, content_type: &'static str, body: String) -> Response {
-    let mut response = Response::new(body_for(method, body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn healthz(method: Method) -> Response {
-    if !readable(&method) {
-        return not_found();
+    #[test]
+    fn clients_count_by_address_and_ipv6_prefix() {
+        let clients = Clients::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = clients.admit(a).expect("a's first");
+        let _second = clients.admit(a).expect("a's second");
+        assert!(clients.admit(a).is_none(), "a's third is refused");
+        // IPv4-mapped IPv6 is the same client.
+        assert!(clients.admit("::ffff:192.0.2.1".parse().unwrap()).is_none());
+        let _other = clients.admit(b).expect("another client is not affected");
+        drop(first);
+        let _again = clients.admit(a).expect("a closed one: room again");
+        // One IPv6 /64 is one client; another /64 is another.
+        let _v6 = clients.admit("2001:db8::1".parse().unwrap()).unwrap();
+        let _v6b = clients.admit("2001:db8::ffff:2".parse().unwrap()).unwrap();
+        assert!(clients.admit("2001:db8::3".parse().unwrap()).is_none());
+        assert!(clients.admit("2001:db8:0:1::1".parse().unwrap()).is_some());
     }
-    text(
-        &method,
-        StatusCode::OK,
-        "text/plain; charset=utf-8",
-        "ok\n".into(),
-    )
-}
 
-async fn readyz(method: Method, State(app): State<AppState>) -> Response {
-    if !readable(&method) {
-        return not_found();
+    #[test]
+    fn a_closed_client_leaves_no_entry() {
+        let clients = Clients::new(1);
+        drop(clients.admit("192.0.2.1".parse().unwrap()));
+        assert!(clients.open.lock().unwrap().is_empty());
     }
-    let served = app.served.load();
-    let missing = served.not_ready();
-    if missing.is_empty() {
-        text(
-            &method,
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            "ready\n".into(),
-        )
-    } else {
-        let body = format!("not ready: {}\n", missing.join("; "));
-        text(
-            &method,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain; charset=utf-8",
-            body,
-        )
-    }
-}
-
-async fn metrics_text(method: Method, State(app): State<AppState>) -> Response {
-    if !readable(&method) {
-        return not_found();
-    }
-    // keyroll_ready mirrors /readyz at the instant of the scrape.
-    app.metrics.set_ready(app.served.load().ready());
-    let body = app.metrics.encode(&crate::clock::SystemClock);
-    text(&method, StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
 }

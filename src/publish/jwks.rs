@@ -17,6 +17,10 @@ pub struct JwksDocument {
     pub etag: String,
     /// `Cache-Control: max-age`, the keyset's `jwks_cache_ttl`.
     pub max_age_seconds: u64,
+    /// `etag` and `public, max-age=N` as header values, built once here
+    /// rather than for every response.
+    pub etag_header: http::HeaderValue,
+    pub cache_control: http::HeaderValue,
 }
 
 #[derive(Serialize)]
@@ -88,8 +92,12 @@ pub(super) fn rendered(body: Vec<u8>, max_age_seconds: u64) -> JwksDocument {
         "\"{}\"",
         URL_SAFE_NO_PAD.encode(&Sha256::digest(&body)[..18])
     );
+    // Quoted base64url and digits: always valid header values.
+    let header = |text: String| http::HeaderValue::from_str(&text).expect("an ASCII header value");
     JwksDocument {
         body: body.into(),
+        etag_header: header(etag.clone()),
+        cache_control: header(format!("public, max-age={max_age_seconds}")),
         etag,
         max_age_seconds,
     }
