@@ -156,6 +156,7 @@ impl FolderWatch {
     fn take(&mut self, event: inotify::EventOwned, change: &mut Option<Change>) -> Result<(), WatchError> {
         let mut merge = |more: Change| {
             *change = match (change.take(), more) {
+                (None, more) => Some(more),
                 (Some(Change::Keysets(mut a)), Change::Keysets(b)) => {
                     a.extend(b);
                     Some(Change::Keysets(a))
