@@ -39,6 +39,8 @@ pub enum Change {
 pub enum WatchError {
     #[error("{var}=poll is set")]
     Disabled { var: &'static str },
+    #[error("{dir} is on a network filesystem ({fs}): inotify does not see other hosts' writes")]
+    Remote { dir: String, fs: &'static str },
     #[error("cannot start inotify: {0}")]
     Init(io::Error),
     #[error("cannot watch {dir}: {source}")]
@@ -49,7 +51,7 @@ pub enum WatchError {
 
 /// A live feed of a backend's document changes.
 #[async_trait]
-pub trait ChangeFeed: Send {
+pub trait ChangeFeed: Send + Sync {
     /// Waits for the next change. An error means the feed stopped: the
     /// caller falls back to polling.
     async fn next(&mut self) -> Result<Change, WatchError>;
@@ -84,6 +86,40 @@ pub fn keyset_of(name: &OsStr) -> Option<&str> {
     (!keyset.is_empty() && !keyset.starts_with('.')).then_some(keyset)
 }
 
+/// The kind of network filesystem `dir` (or, while it does not exist, its
+/// nearest existing parent) is on: a folder shared by replicas on several
+/// hosts, whose writes from other hosts send this host no inotify event.
+fn network_filesystem(dir: &std::path::Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = dir.ancestors().find(|path| path.exists())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stat` is a buffer of
+    // the type statfs fills; it is read only when statfs succeeded.
+    let stat = unsafe {
+        if libc::statfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    // linux/magic.h; FUSE covers sshfs, GlusterFS, s3fs and the like.
+    let kind = match stat.f_type as i64 {
+        0x6969 => "NFS",
+        0x517B => "SMB",
+        0xFF534D42 => "CIFS",
+        0xFE534D42 => "SMB2",
+        0x00C3_6400 => "Ceph",
+        0x0116_1970 => "GFS2",
+        0x7461_636F => "OCFS2",
+        0x5346_414F => "AFS",
+        0x0102_1997 => "9P",
+        0x0BD0_0BD0 => "Lustre",
+        0x6573_5546 => "FUSE",
+        _ => return None,
+    };
+    Some(kind)
+}
+
 /// The file store's folder, watched with inotify.
 pub struct FolderWatch {
     dir: PathBuf,
@@ -98,6 +134,12 @@ impl FolderWatch {
     pub fn new(dir: PathBuf) -> Result<FolderWatch, WatchError> {
         if std::env::var(WATCH_ENV).is_ok_and(|mode| mode == "poll") {
             return Err(WatchError::Disabled { var: WATCH_ENV });
+        }
+        if let Some(fs) = network_filesystem(&dir) {
+            return Err(WatchError::Remote {
+                dir: dir.display().to_string(),
+                fs,
+            });
         }
         let inotify = Inotify::init().map_err(WatchError::Init)?;
         let events = inotify
