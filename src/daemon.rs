@@ -604,7 +604,8 @@ impl Daemon {
         names: &[String],
         now: Timestamp,
     ) -> Vec<Result<Outcome, ReconcileError>> {
-        let calls = names.iter().filter_map(|name| self.keysets.get(name)).map(|run| {
+        let runs = names.iter().filter_map(|name| self.keysets.get(name));
+        let calls = runs.map(|run| {
             let deadline = [run.next_switch, run.stale_at()]
                 .into_iter()
                 .flatten()

@@ -52,7 +52,9 @@ fn rotation_is_noticed(sb: &Sandbox, daemon: &mut Daemon, signing_dir: &Path) {
     sb.cli(&["rotate", "--now", "--alg", "ES256"]).ok();
     let after = daemon.until("the rotated key in signing_dir", LONG, || {
         let kid = read_signer(signing_dir, "ES256")?.kid;
-        (kid != before).then_some(kid).ok_or("still the old key".to_string())
+        (kid != before)
+            .then_some(kid)
+            .ok_or("still the old key".to_string())
     });
     daemon.until("the rotated key served", LONG, || {
         let jwks = get_ok(&sb.url("/.well-known/jwks.json"))?;
@@ -91,7 +93,11 @@ fn with_watching_forced_off_the_daemon_polls_and_says_so() {
         .filter(|line| line.contains("WARN") && line.contains("polling it for changes"))
         .collect();
     assert_eq!(warned.len(), 1, "one WARN naming the mode:\n{log}");
-    assert!(warned[0].contains("KEYROLL_FILE_WATCH=poll"), "and why: {}", warned[0]);
+    assert!(
+        warned[0].contains("KEYROLL_FILE_WATCH=poll"),
+        "and why: {}",
+        warned[0]
+    );
 }
 
 #[test]

@@ -195,7 +195,11 @@ impl FolderWatch {
     }
 
     /// What one event means, merged into `change`.
-    fn take(&mut self, event: inotify::EventOwned, change: &mut Option<Change>) -> Result<(), WatchError> {
+    fn take(
+        &mut self,
+        event: inotify::EventOwned,
+        change: &mut Option<Change>,
+    ) -> Result<(), WatchError> {
         let mut merge = |more: Change| {
             *change = match (change.take(), more) {
                 (None, more) => Some(more),
@@ -210,11 +214,15 @@ impl FolderWatch {
             merge(Change::Unknown);
             return Ok(());
         }
-        let ours = self.watching.as_ref().is_some_and(|(wd, _)| *wd == event.wd);
+        let ours = self
+            .watching
+            .as_ref()
+            .is_some_and(|(wd, _)| *wd == event.wd);
         if !ours {
             return Ok(()); // a watch replaced since: its last events
         }
-        let gone = EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED | EventMask::UNMOUNT;
+        let gone =
+            EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED | EventMask::UNMOUNT;
         if event.mask.intersects(gone) {
             tracing::debug!(dir = %self.dir.display(), "store folder deleted or moved; watching its path again");
             self.add()?;
