@@ -45,10 +45,6 @@ const HUNG_STORE: Duration = Duration::from_secs(60);
 /// runtime's one-second grace for blocking work (cli.rs), SIGTERM to exit
 /// stays well inside SPEC §5's 5 s.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
-/// With the store watched, a timer pass reconciles only the keysets whose
-/// plan has something due; every this many `reconcile_interval`s, all of
-/// them (outputs repaired, a store failing without an event found).
-const FULL_PASS_EVERY: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -162,8 +158,6 @@ pub struct Daemon {
     /// The earliest wake-up the last pass asked for.
     wake: Instant,
     ready_sent: bool,
-    /// When the last pass over every keyset started.
-    last_full_pass: Instant,
     /// Whether the store was searched for retiring keysets (once a start).
     adopted_unconfigured: bool,
     /// Milliseconds since `epoch` at which the running pass started; 0
@@ -242,7 +236,6 @@ impl Daemon {
             published_before: setup.published,
             wake: Instant::now(),
             ready_sent: false,
-            last_full_pass: Instant::now(),
             adopted_unconfigured: false,
             busy_since: Arc::new(AtomicU64::new(0)),
             epoch: StdInstant::now(),
@@ -292,7 +285,7 @@ impl Daemon {
         tokio::select! {
             biased;
             _ = tokio::time::sleep_until(self.wake) => {
-                self.changed = self.due_keysets();
+                self.changed = None;
                 Wakeup::Timer
             }
             change = self.watch.changed() => {
@@ -304,31 +297,6 @@ impl Daemon {
                 Wakeup::StoreChanged
             }
         }
-    }
-
-    /// The keysets a timer pass must reconcile (`None`: all). While the
-    /// store is watched, a document that sent no event is the one last
-    /// loaded: a keyset with nothing due by its plan, no failure to retry
-    /// and no full pass owed counts as loaded now (C5) without a load.
-    fn due_keysets(&mut self) -> Option<BTreeSet<String>> {
-        let full_every = self.config.reconcile_interval * FULL_PASS_EVERY;
-        if !self.watch.is_watching() || self.last_full_pass.elapsed() >= full_every {
-            return None;
-        }
-        let now = self.clock.now();
-        let mut due = BTreeSet::new();
-        for (name, run) in &mut self.keysets {
-            let idle = run.last_good.is_some()
-                && run.failures == 0
-                && run.wake_at.is_none_or(|at| at > now);
-            if idle {
-                run.last_load = Some(now);
-                self.metrics.unchanged(name, now);
-            } else {
-                due.insert(name.clone());
-            }
-        }
-        Some(due)
     }
 
     /// Stops HTTP (draining in-flight requests briefly) and the watchdog.
@@ -503,9 +471,6 @@ impl Daemon {
     /// the keysets it named), and sets when to run again.
     pub async fn pass(&mut self) {
         let changed = self.changed.take();
-        if changed.is_none() {
-            self.last_full_pass = Instant::now();
-        }
         let names: Vec<String> = self
             .keysets
             .keys()

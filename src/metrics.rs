@@ -265,14 +265,6 @@ impl Metrics {
             .set(now.timestamp() as f64);
     }
 
-    /// A keyset known unchanged since its last reconcile (its stored
-    /// document watched, nothing due): as current as a reconcile now.
-    pub fn unchanged(&self, keyset: &str, now: Timestamp) {
-        self.last_success
-            .get_or_create(&Self::keyset(keyset))
-            .set(now.timestamp() as f64);
-    }
-
     pub fn rotation(&self, keyset: &str, alg: Alg, trigger: Trigger) {
         let labels = RotationLabels {
             keyset: keyset.to_string(),
