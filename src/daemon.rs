@@ -471,20 +471,22 @@ impl Daemon {
     /// the keysets it named), and sets when to run again.
     pub async fn pass(&mut self) {
         let changed = self.changed.take();
-        let names: Vec<String> = self
-            .keysets
-            .keys()
-            .filter(|name| changed.as_ref().is_none_or(|only| only.contains(*name)))
-            .cloned()
-            .collect();
+        let named = |keysets: &BTreeMap<String, KeysetRun>| -> Vec<String> {
+            let named = |name: &&String| changed.as_ref().is_none_or(|only| only.contains(*name));
+            keysets.keys().filter(named).cloned().collect()
+        };
         // Before the loads, so that a write landing during the pass is not
         // missed; our own writes then cost one extra (idle) pass.
-        self.watch.before_pass(&names, changed.is_none()).await;
+        self.watch
+            .before_pass(&named(&self.keysets), changed.is_none())
+            .await;
         let started = self.epoch.elapsed().as_millis().max(1) as u64;
         self.busy_since.store(started, Ordering::Relaxed);
         if !self.adopted_unconfigured {
             self.adopted_unconfigured = self.adopt_unconfigured().await;
         }
+        // Keysets adopted just now are reconciled in this pass too.
+        let names = named(&self.keysets);
         let now = self.clock.now();
         // A scheduled switch never waits for the store: outputs follow the
         // last loaded plan first, then the store is asked (C5).
