@@ -9,10 +9,12 @@ Sections (BENCH_ONLY=name,name... runs a subset):
             worker) serving the same bytes, at wrk -t2 -c64 and -t1 -c32
   keygen    JWKS p99 while an RSA-4096 key is generated, vs nginx beside openssl
   genpkey   key generation per algorithm and size vs `openssl genpkey`
-  rotate    `keyroll rotate --now` until the new JWKS is served (file store)
+  rotate    `keyroll rotate --now --alg ES256`: store write landed -> new key served and in
+            signing_dir (file store; also the baseline build, alternated, when given)
   idle      idle RSS (and its private part) and CPU per minute, vs an idle nginx
             serving the same JWKS and, with --keyroll-baseline, another build
-  many      the daemon with 1,000 keysets: start-up pass, idle RSS and CPU
+  many      the daemon with 1,000 keysets: start-up pass, idle RSS and CPU (and the
+            baseline build's, when given)
   reconcile one reconcile pass over 1,000 keysets (benches/reconcile.rs)
   signer    tokens/s and p50/p99 over the sign API socket at 1, 16, 64 clients vs
             the in-process limit; p99 while RSA-4096 keys are generated
@@ -527,34 +529,64 @@ def section_genpkey(args):
     say()
 
 
+def rotate_once(daemon, signing_dir):
+    """One `keyroll rotate --now --alg ES256` against `daemon`: (rotate start
+    -> served, CLI run, store write landed -> served and in signing_dir)."""
+    before = fetch(daemon.url())[1].get("etag")
+    kid_file = signing_dir / "ES256.kid"
+    kid_before = kid_file.read_text()
+    start = time.time()
+    daemon.cli("rotate", "--now", "--alg", "ES256")
+    cli_done = time.time()
+    # The save renamed the new document into place, which set its ctime
+    # (the kernel's coarse clock: up to a few ms early, never late).
+    landed = (daemon.dir / "store" / "default.json").stat().st_ctime_ns / 1e9
+    wait_for("the new JWKS and signing key",
+             lambda: fetch(daemon.url())[1].get("etag") not in (None, before)
+             and kid_file.read_text() != kid_before,
+             timeout=120, every=0.002)
+    served = time.time()
+    return served - start, cli_done - start, served - landed
+
+
 def section_rotate(args):
-    say(f"== `keyroll rotate --now` until the new JWKS is served, file store, {args.rotations} rotations")
-    say("   default keyset (ES256 + RS256 2048); the CLI generates the replacement next keys, "
-        "the daemon notices the store change")
-    daemon = Keyroll(args.keyroll, [keyset("default")])
-    totals, clis, propagation = [], [], []
+    say(f"== `keyroll rotate --now --alg ES256` until the new key is served over HTTP and written "
+        f"to signing_dir, file store, {args.rotations} rotations per build")
+    say("   default keyset (ES256 + RS256 2048) with signing_dir; the CLI generates the "
+        "replacement next key and saves; the daemon notices the store change")
+    builds = {"keyroll": args.keyroll}
+    if args.keyroll_baseline:
+        builds["baseline"] = args.keyroll_baseline
+    daemons = {name: Keyroll(binary, [keyset("default") + "signing_dir = 'signing'\n"])
+               for name, binary in builds.items()}
+    for daemon in daemons.values():
+        wait_for("signing_dir", lambda d=daemon: (d.dir / "signing" / "ES256.kid").exists(), timeout=60)
+    results = {name: {"total": [], "cli": [], "landed": []} for name in daemons}
     rng = random.Random(7)
-    for _ in range(args.rotations):
-        # A random phase against the daemon's 500 ms store poll; back to
-        # back, every rotation would land at the same point of its cycle.
-        time.sleep(rng.uniform(0, 0.6))
-        before = fetch(daemon.url())[1].get("etag")
-        start = time.monotonic()
-        daemon.cli("rotate", "--now")
-        cli_done = time.monotonic()
-        wait_for("the new JWKS", lambda: fetch(daemon.url())[1].get("etag") not in (None, before),
-                 timeout=120, every=0.005)
-        served = time.monotonic()
-        totals.append(served - start)
-        clis.append(cli_done - start)
-        propagation.append(served - cli_done)
-    daemon.stop()
-    rows = [[label] + [fmt_s(f(xs)) for f in (min, statistics.median, lambda v: quantile(v, 0.9), max)]
-            for label, xs in (("rotate start -> served", totals), ("  of which the CLI", clis),
-                              ("  CLI exit -> served", propagation))]
+    for r in range(args.rotations):
+        order = list(daemons) if r % 2 == 0 else list(reversed(daemons))
+        for name in order:
+            # A random phase against a polling daemon's 500 ms cycle; back to
+            # back, every rotation would land at the same point of it.
+            time.sleep(rng.uniform(0, 0.6))
+            total, cli, landed = rotate_once(daemons[name], daemons[name].dir / "signing")
+            results[name]["total"].append(total)
+            results[name]["cli"].append(cli)
+            results[name]["landed"].append(landed)
+    for daemon in daemons.values():
+        daemon.stop()
+    rows = []
+    for name in daemons:
+        for label, key in (("write landed -> served + signing_dir", "landed"),
+                           ("rotate start -> served", "total"), ("  of which the CLI", "cli")):
+            xs = results[name][key]
+            rows.append([f"{name}: {label}"] + [fmt_s(f(xs)) for f in
+                        (min, statistics.median, lambda v: quantile(v, 0.9), max)])
     table(["", "min", "median", "p90", "max"], rows)
-    say(f"  median / reconcile_interval (30s, the wait without change detection): "
-        f"{statistics.median(totals) / 30:.3f}x")
+    if "baseline" in results:
+        ratio = statistics.median(results["keyroll"]["landed"]) / statistics.median(results["baseline"]["landed"])
+        say(f"  baseline: {args.keyroll_baseline}")
+        say(f"  write landed -> served, median keyroll / baseline: {ratio:.2f}x")
     say()
 
 
@@ -635,30 +667,74 @@ def rss_anon_kib(pid):
     return 0
 
 
+def process_cpu_seconds(pid):
+    """CPU time of `pid` including its threads that have exited (utime +
+    stime of /proc/PID/stat, in clock ticks): a daemon's blocking-pool
+    threads exit while it idles, and /proc/PID/task/* forgets theirs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_all_threads(pid, seconds):
+    before = process_cpu_seconds(pid)
+    time.sleep(seconds)
+    return rss_kib(pid), (process_cpu_seconds(pid) - before) * 60 / seconds
+
+
 def section_many(args):
     count = 1000
-    say(f"== The daemon with {count:,} ES256 keysets (file store)")
+    say(f"== The daemon with {count:,} ES256 keysets (file store); idle figures over "
+        f"{args.many_idle_seconds}s, scaled to a minute (reconcile_interval 30s; CPU from "
+        "/proc/PID/stat, all threads, 10 ms ticks)")
     sets = [keyset(f"keyset-{n:04}", ("ES256",)) for n in range(count)]
-    one = Keyroll(args.keyroll, [keyset("keyset-0000", ("ES256",))])
-    many = Keyroll(args.keyroll, sets)
+    daemons = {"one": Keyroll(args.keyroll, [keyset("keyset-0000", ("ES256",))]),
+               "many": Keyroll(args.keyroll, sets)}
+    if args.keyroll_baseline:
+        daemons["baseline"] = Keyroll(args.keyroll_baseline, sets)
     time.sleep(2)
     results = {}
-    threads = [threading.Thread(target=lambda n=n, p=p: results.__setitem__(n, idle_figures([p], args.idle_seconds)))
-               for n, p in (("one", one.process.pid), ("many", many.process.pid))]
+    threads = [threading.Thread(target=lambda n=n, p=d.process.pid: results.__setitem__(
+                   n, idle_cpu_all_threads(p, args.many_idle_seconds)))
+               for n, d in daemons.items()]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    # A pass over every keyset, as every reconcile_interval makes one:
+    # SIGHUP (which also reads the config again).
+    full_pass = {}
+    for name in [n for n in daemons if n != "one"]:
+        pid = daemons[name].process.pid
+        before = process_cpu_seconds(pid)
+        daemons[name].process.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        full_pass[name] = process_cpu_seconds(pid) - before
+    one, many = daemons["one"], daemons["many"]
+    header = ["", "1 keyset", f"{count:,} keysets", "ratio"]
     rows = [["start until /readyz (bootstrap pass)", fmt_s(one.ready_after), fmt_s(many.ready_after),
              f"{many.ready_after / one.ready_after:.0f}x"],
             ["idle RSS", f"{results['one'][0] / 1024:.1f} MiB", f"{results['many'][0] / 1024:.1f} MiB",
              f"{results['many'][0] / results['one'][0]:.1f}x"],
-            ["idle CPU per minute", f"{results['one'][1] * 1000:.0f} ms",
-             f"{results['many'][1] * 1000:.0f} ms",
-             f"{results['many'][1] / results['one'][1]:.0f}x" if results["one"][1] else "-"]]
-    one.stop()
-    many.stop()
-    table(["", "1 keyset", f"{count:,} keysets", "ratio"], rows)
+            ["idle CPU per minute", f"{results['one'][1] * 1000:.1f} ms",
+             f"{results['many'][1] * 1000:.1f} ms",
+             f"{results['many'][1] / results['one'][1]:.0f}x" if results["one"][1] else "-"],
+            ["CPU of a SIGHUP pass over every keyset", "", fmt_s(full_pass["many"]), ""]]
+    if "baseline" in daemons:
+        base = daemons["baseline"]
+        header += [f"baseline, {count:,} keysets", "keyroll / baseline"]
+        rows[0] += [fmt_s(base.ready_after), f"{many.ready_after / base.ready_after:.2f}x"]
+        rows[1] += [f"{results['baseline'][0] / 1024:.1f} MiB",
+                    f"{results['many'][0] / results['baseline'][0]:.2f}x"]
+        rows[2] += [f"{results['baseline'][1] * 1000:.1f} ms",
+                    f"{results['many'][1] / results['baseline'][1]:.3f}x" if results["baseline"][1] else "-"]
+        rows[3] += [fmt_s(full_pass["baseline"]), f"{full_pass['many'] / full_pass['baseline']:.2f}x"]
+    for daemon in daemons.values():
+        daemon.stop()
+    table(header, rows)
+    say(f"  every reconcile_interval (30s) a timer pass reconciles every keyset: about "
+        f"{full_pass['many'] * 1000 * 2:.0f} ms a minute at the SIGHUP pass's cost")
+    if args.keyroll_baseline:
+        say(f"  baseline: {args.keyroll_baseline}")
     say()
 
 
@@ -698,12 +774,14 @@ def main():
     parser.add_argument("--reconcile-bench", required=True)
     parser.add_argument("--signer-bench", required=True)
     parser.add_argument("--keyroll-baseline",
-                        help="another keyroll binary to measure beside (serve and idle sections)")
+                        help="another keyroll binary to measure beside (serve, idle, rotate and many sections)")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)))
     parser.add_argument("--serve-seconds", type=int, default=0,
                         help="cap each wrk run of the serve section (default: 5s and 8s)")
     parser.add_argument("--gen-seconds", type=int, default=10)
     parser.add_argument("--idle-seconds", type=int, default=20)
+    parser.add_argument("--many-idle-seconds", type=int, default=60,
+                        help="idle window of the 1,000-keyset daemon (two reconcile_intervals)")
     parser.add_argument("--rotations", type=int, default=15)
     args = parser.parse_args()
     for name in ("keyroll", "keygen_bench", "reconcile_bench", "signer_bench", "keyroll_baseline"):

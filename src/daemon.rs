@@ -13,7 +13,7 @@
 //! outputs on time without waiting for a hung store call, and fails closed
 //! after `max_stale`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,12 +31,11 @@ use crate::metrics::Metrics;
 use crate::planner::SlotOutlook;
 use crate::publish::{self, Served, ServedState};
 use crate::reconcile::{Outcome, ReconcileError, Reconciler, Snapshot};
+use crate::store::watch::{Change, StoreWatch};
 use crate::store::{self, Store, StoreError};
 
 /// The longest wait between retries of a failing keyset.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// How often an idle daemon checks whether another writer changed a document.
-const CHANGE_POLL: Duration = Duration::from_millis(500);
 /// The longest one keyset's store calls may take in a pass when no
 /// scheduled switch comes sooner; the store's own budget (15 s on AWS) is
 /// normally shorter. Bounds a store that hangs without ever failing.
@@ -150,8 +149,11 @@ pub struct Daemon {
     published_before: HashMap<String, Vec<PublicJwk>>,
     /// Every keyset this process serves, configured or being retired.
     keysets: BTreeMap<String, KeysetRun>,
-    /// Fingerprints taken before the last pass (see [`Daemon::sleep`]).
-    seen: Vec<(String, Option<String>)>,
+    /// How other writers' changes are noticed (see [`Daemon::sleep`]).
+    watch: StoreWatch,
+    /// The keysets a store change named: the next pass reconciles only
+    /// them. `None`: every keyset.
+    changed: Option<BTreeSet<String>>,
     /// The earliest wake-up the last pass asked for.
     wake: Instant,
     ready_sent: bool,
@@ -220,6 +222,8 @@ impl Daemon {
         };
         let (stop_http, http_stopped) = watch::channel(false);
         let mut daemon = Daemon {
+            watch: StoreWatch::new(store.clone()),
+            changed: None,
             reconciler: Reconciler::new(store, setup.keys.clone(), setup.clock.clone()),
             keysets: BTreeMap::new(),
             config: setup.config,
@@ -229,7 +233,6 @@ impl Daemon {
             served: Arc::new(ArcSwap::from_pointee(Served::default())),
             reload: setup.reload,
             published_before: setup.published,
-            seen: Vec::new(),
             wake: Instant::now(),
             ready_sent: false,
             adopted_unconfigured: false,
@@ -278,13 +281,18 @@ impl Daemon {
     /// or a change of a stored document. Callers race it (and the pass)
     /// with shutdown and config reloads.
     pub async fn sleep(&mut self) -> Wakeup {
-        let store = self.reconciler.store().clone();
-        let seen = self.seen.clone();
         tokio::select! {
             biased;
-            _ = tokio::time::sleep_until(self.wake) => Wakeup::Timer,
-            keyset = store_changed(store, &seen) => {
-                tracing::debug!(%keyset, "stored document changed; reconciling now");
+            _ = tokio::time::sleep_until(self.wake) => {
+                self.changed = None;
+                Wakeup::Timer
+            }
+            change = self.watch.changed() => {
+                tracing::debug!(?change, "stored document changed; reconciling now");
+                self.changed = match change {
+                    Change::Keysets(keysets) => Some(keysets),
+                    Change::Unknown => None,
+                };
                 Wakeup::StoreChanged
             }
         }
@@ -430,9 +438,7 @@ impl Daemon {
     pub async fn reconfigure(&mut self, config: Config) {
         if config.store != self.config.store {
             match store::open(&config.store).await {
-                Ok(store) => {
-                    self.reconciler = Reconciler::new(store, self.keys.clone(), self.clock.clone());
-                }
+                Ok(store) => self.replace_store(store),
                 Err(e) => {
                     tracing::error!(error = %e, "config reload failed; keeping the running config");
                     return;
@@ -462,41 +468,45 @@ impl Daemon {
         }
         self.apply_config();
         self.wake = Instant::now();
+        self.changed = None;
         tracing::info!(config = %self.config.source, "config reloaded");
     }
 
     /// Swaps in another store (tests: "the store swapped").
     pub fn replace_store(&mut self, store: Arc<dyn Store>) {
+        self.watch = StoreWatch::new(store.clone());
+        self.changed = None;
         self.reconciler = Reconciler::new(store, self.keys.clone(), self.clock.clone());
     }
 
-    async fn fingerprints(&self) -> Vec<(String, Option<String>)> {
-        let mut seen = Vec::with_capacity(self.keysets.len());
-        for name in self.keysets.keys() {
-            let fingerprint = self.reconciler.store().fingerprint(name).await;
-            seen.push((name.clone(), fingerprint));
-        }
-        seen
-    }
-
-    /// Reconciles and publishes every keyset, and sets when to run again.
+    /// Reconciles and publishes every keyset (after a store change, only
+    /// the keysets it named), and sets when to run again.
     pub async fn pass(&mut self) {
-        // Taken before the pass, so that a write landing during the pass is
-        // not missed; our own writes then cost one extra (idle) pass.
-        self.seen = self.fingerprints().await;
+        let changed = self.changed.take();
+        let named = |keysets: &BTreeMap<String, KeysetRun>| -> Vec<String> {
+            let named = |name: &&String| changed.as_ref().is_none_or(|only| only.contains(*name));
+            keysets.keys().filter(named).cloned().collect()
+        };
+        // Before the loads, so that a write landing during the pass is not
+        // missed; our own writes then cost one extra (idle) pass.
+        self.watch
+            .before_pass(&named(&self.keysets), changed.is_none())
+            .await;
         let started = self.epoch.elapsed().as_millis().max(1) as u64;
         self.busy_since.store(started, Ordering::Relaxed);
         if !self.adopted_unconfigured {
             self.adopted_unconfigured = self.adopt_unconfigured().await;
         }
+        // Keysets adopted just now are reconciled in this pass too.
+        let names = named(&self.keysets);
         let now = self.clock.now();
         // A scheduled switch never waits for the store: outputs follow the
         // last loaded plan first, then the store is asked (C5).
-        let names: Vec<String> = self.keysets.keys().cloned().collect();
-        for name in &names {
+        let all: Vec<String> = self.keysets.keys().cloned().collect();
+        for name in &all {
             self.follow_plan(name, now).await;
         }
-        let results = self.reconcile_all(now).await;
+        let results = self.reconcile_all(&names, now).await;
         for (name, result) in names.iter().zip(results) {
             self.settle(name, result).await;
         }
@@ -568,8 +578,13 @@ impl Daemon {
 
     /// Every keyset's reconcile, side by side, each ending at its deadline:
     /// the next instant its outputs must change without the store.
-    async fn reconcile_all(&self, now: Timestamp) -> Vec<Result<Outcome, ReconcileError>> {
-        let calls = self.keysets.values().map(|run| {
+    async fn reconcile_all(
+        &self,
+        names: &[String],
+        now: Timestamp,
+    ) -> Vec<Result<Outcome, ReconcileError>> {
+        let runs = names.iter().filter_map(|name| self.keysets.get(name));
+        let calls = runs.map(|run| {
             let deadline = [run.next_switch, run.stale_at()]
                 .into_iter()
                 .flatten()
@@ -1055,23 +1070,6 @@ fn without_active_keys(doc: &KeysetDoc) -> KeysetDoc {
     let mut withheld = doc.clone();
     withheld.keys.retain(|key| key.state != KeyState::Active);
     withheld
-}
-
-/// Completes (with the keyset's name) once a document's fingerprint differs
-/// from `seen`; never, if the store cannot tell.
-async fn store_changed(store: Arc<dyn store::Store>, seen: &[(String, Option<String>)]) -> String {
-    if seen.iter().all(|(_, fingerprint)| fingerprint.is_none()) {
-        return std::future::pending().await;
-    }
-    let mut tick = tokio::time::interval(CHANGE_POLL);
-    loop {
-        tick.tick().await;
-        for (keyset, before) in seen {
-            if before.is_some() && store.fingerprint(keyset).await != *before {
-                return keyset.clone();
-            }
-        }
-    }
 }
 
 /// How long from `now` until `at` (zero if it has passed).

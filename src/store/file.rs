@@ -206,4 +206,12 @@ impl Store for FileStore {
             Err(_) => None,
         }
     }
+
+    /// The folder, watched with inotify: a save renames a file into it.
+    fn watch(&self) -> Option<Result<Box<dyn super::watch::ChangeFeed>, super::watch::WatchError>> {
+        Some(
+            super::watch::FolderWatch::new(self.dir.clone())
+                .map(|watch| Box::new(watch) as Box<dyn super::watch::ChangeFeed>),
+        )
+    }
 }

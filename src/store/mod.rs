@@ -8,6 +8,7 @@ mod aws;
 mod aws_form;
 mod file;
 mod memory;
+pub mod watch;
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
@@ -102,6 +103,15 @@ pub trait Store: Send + Sync {
     /// `reconcile_interval`); a token that changes spuriously only costs an
     /// extra reconcile.
     async fn fingerprint(&self, _keyset: &str) -> Option<String> {
+        None
+    }
+
+    /// A feed that reports changes as they happen, so the daemon need not
+    /// poll `fingerprint`. `None`: the backend has none (the daemon polls
+    /// fingerprints, if any); `Some(Err)`: it has one that cannot work here
+    /// (the daemon says why and polls). Called once, from the daemon's
+    /// runtime, before its first pass.
+    fn watch(&self) -> Option<Result<Box<dyn watch::ChangeFeed>, watch::WatchError>> {
         None
     }
 
