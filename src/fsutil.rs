@@ -473,10 +473,8 @@ impl Dir {
                     u64::try_from(stat.st_mtime).unwrap_or(0),
                     u32::try_from(stat.st_mtime_nsec).unwrap_or(0),
                 );
-            let stale = min_age.is_none_or(|min_age| {
-                now.duration_since(modified)
-                    .is_ok_and(|age| age > min_age)
-            });
+            let stale = min_age
+                .is_none_or(|min_age| now.duration_since(modified).is_ok_and(|age| age > min_age));
             if stale && FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile {
                 let _ = rustix::fs::unlinkat(&self.fd, entry_name, AtFlags::empty());
             }

@@ -125,7 +125,6 @@ impl FileStore {
     }
 }
 
-
 #[async_trait]
 impl Store for FileStore {
     fn location(&self, keyset: &str) -> String {
