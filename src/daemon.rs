@@ -44,6 +44,13 @@ const HUNG_STORE: Duration = Duration::from_secs(60);
 /// runtime's one-second grace for blocking work (cli.rs), SIGTERM to exit
 /// stays well inside SPEC §5's 5 s.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
+/// While the store is watched, a timer pass reads only the keysets that are
+/// due (a scheduled instant, a retry, a store change) and takes the watch's
+/// word that the others did not change. Each document is still read at
+/// least this often, and every half `max_stale` if that is sooner: a store
+/// that stops answering without a watch event (a failing disk) is noticed,
+/// and a healthy one never goes `max_stale` without a load (C5).
+const WATCHED_REREAD: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -95,6 +102,9 @@ struct KeysetRun {
     /// start): kept published should the document go missing (C2).
     published: crate::planner::Published,
     failures: u32,
+    /// An output file (`signing_dir`, `jwks_file`, `discovery_file`) could
+    /// not be written at the last publish: tried again at every pass.
+    output_failed: bool,
     outlook: Vec<SlotOutlook>,
     /// When to look again: the next transition, or a retry.
     wake_at: Option<Timestamp>,
@@ -114,6 +124,7 @@ impl KeysetRun {
             last_load: None,
             published,
             failures: 0,
+            output_failed: false,
             outlook: Vec::new(),
             wake_at: None,
             next_switch: None,
@@ -128,6 +139,22 @@ impl KeysetRun {
     /// When this replica fails closed without a successful load (C5).
     fn stale_at(&self) -> Option<Timestamp> {
         self.last_load.map(|at| after(at, self.policy.max_stale))
+    }
+
+    /// Whether a pass that is not a full one must read this keyset: its
+    /// plan or a retry wants it, an output write failed, it was never
+    /// loaded, or it has gone unread for too long (see [`WATCHED_REREAD`]).
+    /// An output changed by hand is put right when the keyset is next
+    /// read.
+    fn due(&self, now: Timestamp) -> bool {
+        let reread = WATCHED_REREAD.min(self.policy.max_stale / 2);
+        [self.wake_at, self.next_switch]
+            .into_iter()
+            .flatten()
+            .any(|at| at <= now)
+            || self.output_failed
+            || self.last_good.is_none()
+            || self.last_load.is_none_or(|at| after(at, reread) <= now)
     }
 }
 
@@ -151,8 +178,9 @@ pub struct Daemon {
     keysets: BTreeMap<String, KeysetRun>,
     /// How other writers' changes are noticed (see [`Daemon::sleep`]).
     watch: StoreWatch,
-    /// The keysets a store change named: the next pass reconciles only
-    /// them. `None`: every keyset.
+    /// The keysets a store change named: the next pass reconciles them and
+    /// the keysets that are due ([`KeysetRun::due`]), no others. `None`:
+    /// every keyset.
     changed: Option<BTreeSet<String>>,
     /// The earliest wake-up the last pass asked for.
     wake: Instant,
@@ -181,6 +209,7 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(DaemonError::Signals)?;
     tokio::pin!(shutdown);
+    let mut started = false;
     loop {
         let reload = tokio::select! {
             biased;
@@ -193,6 +222,11 @@ pub async fn run(setup: Setup, shutdown: impl Future<Output = ()>) -> Result<(),
             continue;
         }
         daemon.notify_progress();
+        if !started {
+            started = true;
+            let dropped = crate::footprint::release_startup_pages();
+            tracing::debug!(bytes = dropped, "start-up code unmapped");
+        }
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
@@ -284,7 +318,9 @@ impl Daemon {
         tokio::select! {
             biased;
             _ = tokio::time::sleep_until(self.wake) => {
-                self.changed = None;
+                // A watched store reports every change: the timer brings
+                // only what is due. Otherwise it is the store's poll.
+                self.changed = self.watch.is_watching().then(BTreeSet::new);
                 Wakeup::Timer
             }
             change = self.watch.changed() => {
@@ -479,36 +515,39 @@ impl Daemon {
         self.reconciler = Reconciler::new(store, self.keys.clone(), self.clock.clone());
     }
 
-    /// Reconciles and publishes every keyset (after a store change, only
-    /// the keysets it named), and sets when to run again.
+    /// Reconciles and publishes every keyset, or (the store watched, or
+    /// after a store change) the keysets named and those due, and sets when
+    /// to run again.
     pub async fn pass(&mut self) {
-        let changed = self.changed.take();
-        let named = |keysets: &BTreeMap<String, KeysetRun>| -> Vec<String> {
-            let named = |name: &&String| changed.as_ref().is_none_or(|only| only.contains(*name));
-            keysets.keys().filter(named).cloned().collect()
-        };
+        let mut changed = self.changed.take();
+        let now = self.clock.now();
         // Before the loads, so that a write landing during the pass is not
         // missed; our own writes then cost one extra (idle) pass.
-        self.watch
-            .before_pass(&named(&self.keysets), changed.is_none())
-            .await;
+        let in_pass = self.in_pass(changed.as_ref(), now);
+        if self.watch.before_pass(&in_pass, changed.is_none()).await {
+            changed = None; // the watch lost track of the store
+        }
         let started = self.epoch.elapsed().as_millis().max(1) as u64;
         self.busy_since.store(started, Ordering::Relaxed);
         if !self.adopted_unconfigured {
             self.adopted_unconfigured = self.adopt_unconfigured().await;
         }
         // Keysets adopted just now are reconciled in this pass too.
-        let names = named(&self.keysets);
         let now = self.clock.now();
+        let names = self.in_pass(changed.as_ref(), now);
         // A scheduled switch never waits for the store: outputs follow the
-        // last loaded plan first, then the store is asked (C5).
-        let all: Vec<String> = self.keysets.keys().cloned().collect();
-        for name in &all {
+        // last loaded plan first, then the store is asked (C5). A keyset
+        // left out of the pass has no switch due.
+        for name in &names {
             self.follow_plan(name, now).await;
         }
         let results = self.reconcile_all(&names, now).await;
         for (name, result) in names.iter().zip(results) {
             self.settle(name, result).await;
+        }
+        if changed.is_some() && self.watch.is_watching() {
+            self.vouch_unread(&names, now);
+            self.rewrite_unread_outputs(&names, now).await;
         }
         self.keysets.retain(|_, run| {
             let done = run.removed
@@ -521,6 +560,63 @@ impl Daemon {
         self.forget_retired_routes();
         self.busy_since.store(0, Ordering::Relaxed);
         self.wake = self.next_wake();
+    }
+
+    /// Output files are checked at every pass, read or not, as a full pass
+    /// does: a `signing_dir` or `jwks_file` deleted or broken under the
+    /// daemon is written again (or its failure reported) within
+    /// `reconcile_interval`. From the last loaded document: a keyset not
+    /// read has no switch due.
+    async fn rewrite_unread_outputs(&mut self, read: &[String], now: Timestamp) {
+        let with_files: Vec<(KeysetPolicy, Snapshot, Offer)> = self
+            .keysets
+            .iter()
+            .filter(|(name, run)| {
+                let policy = &run.policy;
+                let files = policy.signing_dir.is_some()
+                    || policy.jwks_file.is_some()
+                    || policy.discovery.as_ref().is_some_and(|d| d.file.is_some());
+                files && !read.contains(name)
+            })
+            .filter_map(|(_, run)| {
+                let snapshot = run.last_good.clone()?;
+                Some((run.policy.clone(), snapshot, self.offer(run, now)))
+            })
+            .collect();
+        for (policy, snapshot, offer) in with_files {
+            self.publish(&policy, &snapshot, offer).await;
+        }
+    }
+
+    /// The keysets a pass reconciles: every one (`changed` is `None`), or
+    /// those a store change named and those due.
+    fn in_pass(&self, changed: Option<&BTreeSet<String>>, now: Timestamp) -> Vec<String> {
+        self.keysets
+            .iter()
+            .filter(|(name, run)| changed.is_none_or(|only| only.contains(*name) || run.due(now)))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The store is watched and reported no change of the documents of the
+    /// keysets this pass did not read: the plan each was last reconciled
+    /// with still holds (none is due), so each counts as reconciled now in
+    /// `keyroll_last_reconcile_success_timestamp_seconds`, which an alert
+    /// watches, and in the signer's FetchKeys `data_timestamp`. `max_stale`
+    /// still counts from the last load (C5). A keyset whose last reconcile
+    /// failed is due, and never vouched for.
+    fn vouch_unread(&self, read: &[String], now: Timestamp) {
+        let read: BTreeSet<&str> = read.iter().map(String::as_str).collect();
+        let vouched = self.keysets.iter().filter(|(name, run)| {
+            !read.contains(name.as_str()) && run.failures == 0 && run.last_good.is_some()
+        });
+        let served = self.served.load();
+        for (name, _) in vouched {
+            self.metrics.reconciled(name, now);
+            if let Some(keyring) = served.signing.get(name) {
+                keyring.confirmed(now);
+            }
+        }
     }
 
     /// SPEC C1 across restarts: a keyset in the store that the config does
@@ -835,9 +931,11 @@ impl Daemon {
                 .await
                 .unwrap_or((None, None))
         };
+        let mut output_failed = false;
         for (output, result) in [("signing_dir", signing_dir), ("jwks_file", jwks_file)] {
             match result {
                 Some(Err(error)) => {
+                    output_failed = true;
                     self.metrics.publish_error(&policy.name, output);
                     self.metrics.reconcile_error(&policy.name);
                     tracing::error!(keyset = %policy.name, output, %error, "cannot publish; HTTP keeps serving the current JWKS");
@@ -846,20 +944,23 @@ impl Daemon {
                 _ => {}
             }
         }
-        if let Some(run) = self.keysets.get_mut(&policy.name) {
-            run.published = crate::planner::Published {
-                keys: published_keys(snapshot, policy.x5c),
-                longest_grace: longest_grace(snapshot),
-            };
-        }
         let removed = self.keysets.get(&policy.name).is_some_and(|r| r.removed);
         let keyring = self.keyring(policy, snapshot, &offer, removed);
         if !removed {
             // Discovery routes and discovery_file before /readyz turns 200;
             // S3 uploads are handed to a background task.
-            self.extra
+            let written = self
+                .extra
                 .publish(&self.config, policy, &jwks, &self.served, &self.metrics)
                 .await;
+            output_failed |= !written;
+        }
+        if let Some(run) = self.keysets.get_mut(&policy.name) {
+            run.published = crate::planner::Published {
+                keys: published_keys(snapshot, policy.x5c),
+                longest_grace: longest_grace(snapshot),
+            };
+            run.output_failed = output_failed;
         }
         // HTTP last: once /readyz answers 200, a sidecar's application finds
         // its signing_dir written.

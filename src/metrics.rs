@@ -278,8 +278,14 @@ impl Metrics {
                     .unwrap_or(f64::NAN),
             );
         }
+        self.reconciled(name, now);
+    }
+
+    /// A successful reconcile of `keyset` at `now`, read from the store or
+    /// vouched for by its watch (daemon.rs).
+    pub fn reconciled(&self, keyset: &str, now: Timestamp) {
         self.last_success
-            .get_or_create(&Self::keyset(name))
+            .get_or_create(&Self::keyset(keyset))
             .set(now.timestamp() as f64);
     }
 

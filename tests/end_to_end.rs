@@ -15,6 +15,10 @@
 //! - the strongest verifier possible: any copy any ready replica served, kept
 //!   for `verifier_cache_ttl`, must hold every token's kid while it is valid.
 //!
+//! Half the cases give the replicas a store that reports every change as
+//! it happens, as the file store's inotify watch does: the daemon then reads
+//! only the keysets that are due or changed, and must stay as safe.
+//!
 //! `PROPTEST_CASES=256 cargo test --release --test end_to_end` runs more.
 
 #[path = "support/mod.rs"]
@@ -37,6 +41,7 @@ use keyroll::key::{Alg, KeyFactory};
 use keyroll::planner::Action;
 use keyroll::publish::{Served, ServedState};
 use keyroll::reconcile::Reconciler;
+use keyroll::store::watch::{Change, ChangeFeed, WatchError};
 use keyroll::store::{Store, StoreError, Stored, Version};
 use support::{t0, FakeKeys};
 
@@ -60,9 +65,22 @@ struct World {
     docs: HashMap<String, (Zeroizing<String>, u64)>,
     counter: u64,
     exceptions: BTreeSet<String>,
+    /// Whether links offer a change feed (`Store::watch`), and the feeds
+    /// of the replicas that took one: every change of `docs` is sent to
+    /// each (`None`: the whole store changed).
+    watched: bool,
+    feeds: Vec<mpsc::UnboundedSender<Option<String>>>,
 }
 
 impl World {
+    /// Reports a change of `keyset`'s document (`None`: of every one) to
+    /// every live feed, as inotify reports a save or a deletion at once,
+    /// whoever made it.
+    fn changed(&mut self, keyset: Option<&str>) {
+        self.feeds
+            .retain(|feed| feed.send(keyset.map(str::to_string)).is_ok());
+    }
+
     fn note_exceptions(&mut self, text: &str) {
         let Ok(doc) = serde_json::from_str::<serde_json::Value>(text) else {
             return;
@@ -172,6 +190,7 @@ impl Store for Link {
                     (Zeroizing::new(text.to_string()), version),
                 );
                 world.note_exceptions(text);
+                world.changed(Some(keyset));
                 Ok(Version(version.to_string()))
             }
         };
@@ -184,6 +203,45 @@ impl Store for Link {
             return Err(e);
         }
         Ok(self.world.lock().unwrap().docs.keys().cloned().collect())
+    }
+
+    /// A local watch keeps reporting while loads fail: a partition cuts
+    /// the store calls, not the feed (as a failing disk leaves inotify up).
+    fn watch(&self) -> Option<Result<Box<dyn ChangeFeed>, WatchError>> {
+        let mut world = self.world.lock().unwrap();
+        if !world.watched {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        world.feeds.push(tx);
+        Some(Ok(Box::new(Feed(rx))))
+    }
+}
+
+/// One replica's change feed from the world.
+struct Feed(mpsc::UnboundedReceiver<Option<String>>);
+
+#[async_trait]
+impl ChangeFeed for Feed {
+    async fn next(&mut self) -> Result<Change, WatchError> {
+        let closed = || WatchError::Read(std::io::ErrorKind::UnexpectedEof.into());
+        let mut changed = BTreeSet::new();
+        let mut every = false;
+        let mut report = |keyset: Option<String>| match keyset {
+            Some(keyset) => {
+                changed.insert(keyset);
+            }
+            None => every = true,
+        };
+        report(self.0.recv().await.ok_or_else(closed)?);
+        while let Ok(keyset) = self.0.try_recv() {
+            report(keyset);
+        }
+        Ok(if every {
+            Change::Unknown
+        } else {
+            Change::Keysets(changed)
+        })
     }
 }
 
@@ -896,12 +954,16 @@ impl Sim {
             Op::DeleteDocument(which) => {
                 let keyset = KEYSETS[*which];
                 if self.all_published(keyset) {
-                    self.world.lock().unwrap().docs.remove(keyset);
+                    let mut world = self.world.lock().unwrap();
+                    world.docs.remove(keyset);
+                    world.changed(Some(keyset));
                 }
             }
             Op::SwapStore => {
                 if KEYSETS.iter().all(|k| self.all_published(k)) {
-                    self.world.lock().unwrap().docs.clear();
+                    let mut world = self.world.lock().unwrap();
+                    world.docs.clear();
+                    world.changed(None);
                 }
             }
             Op::Partition { replica, hang } => {
@@ -944,7 +1006,7 @@ impl Sim {
     }
 }
 
-fn run_case(ops: &[Op], settings: Settings) -> Vec<String> {
+fn run_case(ops: &[Op], settings: Settings, watched: bool) -> Vec<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -953,7 +1015,10 @@ fn run_case(ops: &[Op], settings: Settings) -> Vec<String> {
     runtime.block_on(async move {
         let root = TokioClock::starting_at(t0());
         let mut sim = Sim {
-            world: Arc::new(Mutex::new(World::default())),
+            world: Arc::new(Mutex::new(World {
+                watched,
+                ..World::default()
+            })),
             keys: Arc::new(FakeKeys::new()),
             root,
             settings,
@@ -1040,8 +1105,9 @@ proptest! {
     fn every_token_verifies_at_every_verifier_until_it_expires(
         settings in settings(),
         ops in prop::collection::vec(op(), 8..=24),
+        watched in any::<bool>(),
     ) {
-        let failures = run_case(&ops, settings);
+        let failures = run_case(&ops, settings, watched);
         prop_assert!(
             failures.is_empty(),
             "{} I6 violations, first: {:#?}",

@@ -10,8 +10,8 @@ use std::fs;
 use std::path::Path;
 
 use common::{
-    get_ok, jwks_kids, keyset_block, outputs, read_signer, wait_ready, Daemon, Sandbox, LONG,
-    STEADY,
+    get_ok, jwks_kids, keyset_block, metric, metrics_text, now_unix, outputs, read_signer,
+    wait_ready, Daemon, Sandbox, LONG, STEADY,
 };
 
 /// A sandbox whose daemon reconciles only every hour on its own.
@@ -136,4 +136,99 @@ fn a_replaced_store_folder_is_watched_again() {
     fs::rename(&store, sb.path("store.old")).expect("move the store away");
     fs::rename(&copy, &store).expect("put the copy in its place");
     rotation_is_noticed(&sb, &mut daemon, &signing_dir);
+}
+
+/// Every keyset's `keyroll_last_reconcile_success_timestamp_seconds`.
+fn reconciled_at(sb: &Sandbox, keysets: &[&str]) -> Result<Vec<f64>, String> {
+    let text = metrics_text(sb);
+    keysets
+        .iter()
+        .map(|keyset| {
+            metric(
+                &text,
+                "keyroll_last_reconcile_success_timestamp_seconds",
+                &[("keyset", keyset)],
+            )
+            .ok_or(format!("no reconcile metric for {keyset}"))
+        })
+        .collect()
+}
+
+fn errors_of(sb: &Sandbox, keyset: &str) -> f64 {
+    metric(
+        &metrics_text(sb),
+        "keyroll_reconcile_errors_total",
+        &[("keyset", keyset)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// What makes an idle daemon with many keysets cheap (issue 13): with the
+/// store watched, a timer pass reads only the keysets that are due and
+/// takes the watch's word for the others. They still count as reconciled
+/// every `reconcile_interval` (an alert watches that metric), and a full
+/// pass (SIGHUP) reads them all again.
+#[test]
+fn a_watched_idle_daemon_rereads_no_document_yet_keeps_every_keyset_reconciled() {
+    let sb = Sandbox::new();
+    let names = ["a", "b", "c"];
+    let blocks: Vec<String> = names
+        .iter()
+        .map(|name| keyset_block(name, &["ES256"], STEADY, ""))
+        .collect();
+    sb.write_config(&blocks.concat()); // reconcile_interval = "1s"
+    let mut daemon = spawn(&sb, None);
+    wait_ready(&mut daemon, &sb);
+    // Settled: b's next key recorded ready (publish_lead after its
+    // publication); nothing is due again before the rotation, an hour on.
+    daemon.until("b's next key to be ready", LONG, || {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&fs::read(sb.store_file("b")).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        let keys = doc["keys"].as_array().ok_or("no keys")?;
+        keys.iter()
+            .any(|k| k["state"] == "next" && !k["ready_at"].is_null())
+            .then_some(())
+            .ok_or(format!("{keys:?}"))
+    });
+
+    // b's document goes bad through a hard link outside the store folder:
+    // the same file, but no event reaches the folder's watch. A pass that
+    // read b would report it.
+    let link = sb.path("b-elsewhere.json");
+    fs::hard_link(sb.store_file("b"), &link).expect("link b's document");
+    let corrupt = b"{ not a keyset document";
+    fs::write(&link, corrupt).expect("write through the link");
+    let corrupted_at = now_unix();
+    // Three timer passes later every keyset, b too, counts as reconciled
+    // after the corruption, and none read b.
+    daemon.until("three more timer passes", LONG, || {
+        let at = reconciled_at(&sb, &names)?;
+        at.iter()
+            .all(|t| *t >= corrupted_at + 3.0)
+            .then_some(())
+            .ok_or(format!("{at:?}"))
+    });
+    assert_eq!(errors_of(&sb, "b"), 0.0, "no timer pass read b");
+    let log = daemon.stderr();
+    assert!(
+        !log.contains("ERROR"),
+        "nothing read the bad document:\n{log}"
+    );
+
+    // A full pass reads every document: b's is reported, and left as it is.
+    daemon.signal("HUP");
+    daemon.until("b's document reported", LONG, || {
+        let errors = errors_of(&sb, "b");
+        (errors >= 1.0)
+            .then_some(())
+            .ok_or(format!("{errors} errors"))
+    });
+    assert_eq!(
+        fs::read(sb.store_file("b")).expect("read b's document"),
+        corrupt,
+        "a corrupted document is never overwritten"
+    );
+    assert_eq!(errors_of(&sb, "a"), 0.0);
+    daemon.assert_alive();
 }

@@ -26,7 +26,9 @@ pub struct ExtraOutputs {
 impl ExtraOutputs {
     /// Publishes `policy`'s discovery document and S3 objects for `jwks`,
     /// the JWKS just published, and installs the discovery routes of
-    /// `config` in `served`.
+    /// `config` in `served`. Returns false when `discovery_file` could not
+    /// be written (the daemon tries again at its next pass); S3 uploads
+    /// retry on their own.
     pub async fn publish(
         &self,
         config: &Config,
@@ -34,12 +36,13 @@ impl ExtraOutputs {
         jwks: &JwksDocument,
         served: &ServedState,
         metrics: &Arc<Metrics>,
-    ) {
+    ) -> bool {
         install_routes(config, served);
         let document = discovery::render(policy);
+        let mut written = true;
         if let (Some(document), Some(settings)) = (&document, &policy.discovery) {
             if let Some(path) = &settings.file {
-                write_discovery_file(policy, path.clone(), document, metrics).await;
+                written = write_discovery_file(policy, path.clone(), document, metrics).await;
             }
         }
         let objects = s3_objects(policy, jwks, document.as_ref());
@@ -55,7 +58,7 @@ impl ExtraOutputs {
             publisher.retain(|keyset, object| configured(config, keyset, object));
         }
         if objects.is_empty() {
-            return;
+            return written;
         }
         let (_, publisher) = match s3.as_mut() {
             Some(made) => made,
@@ -68,6 +71,7 @@ impl ExtraOutputs {
             metrics.register_output(&policy.name, "s3");
             publisher.publish(&policy.name, &object, content);
         }
+        written
     }
 }
 
@@ -102,7 +106,7 @@ async fn write_discovery_file(
     path: std::path::PathBuf,
     document: &JwksDocument,
     metrics: &Metrics,
-) {
+) -> bool {
     metrics.register_output(&policy.name, "discovery_file");
     let body = document.body.clone();
     let written = tokio::task::spawn_blocking(move || super::write_jwks_file(&path, &body)).await;
@@ -112,12 +116,15 @@ async fn write_discovery_file(
         Ok(Err(error)) => {
             metrics.publish_error(&policy.name, "discovery_file");
             tracing::error!(keyset = %policy.name, output = "discovery_file", %error, "cannot publish; HTTP keeps serving the discovery document");
+            return false;
         }
         Err(error) => {
             metrics.publish_error(&policy.name, "discovery_file");
             tracing::error!(keyset = %policy.name, output = "discovery_file", %error, "the discovery_file writer failed");
+            return false;
         }
     }
+    true
 }
 
 /// The S3 objects `policy` asks for, with what each should hold: the same

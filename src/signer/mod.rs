@@ -436,6 +436,12 @@ impl Keyring {
         self.loaded_at.load(Ordering::Relaxed)
     }
 
+    /// The store confirmed at `at` that these keys are still current
+    /// without a load (its watch reported no change).
+    pub fn confirmed(&self, at: Timestamp) {
+        self.loaded_at.store(at.timestamp(), Ordering::Relaxed);
+    }
+
     /// The active kid of `alg`, if any.
     pub fn active_kid(&self, alg: Alg) -> Option<&str> {
         self.signing

@@ -56,10 +56,12 @@ pub trait ChangeFeed: Send + Sync {
     /// caller falls back to polling.
     async fn next(&mut self) -> Result<Change, WatchError>;
 
-    /// Called before every full pass, which reconciles everything anyway:
-    /// a feed that can lose track of its subject without an event (a
-    /// folder swapped under it) looks again here.
-    async fn recheck(&mut self) {}
+    /// Called before every pass: a feed that can lose track of its subject
+    /// without an event (a folder swapped under it) looks again here, and
+    /// says whether it had lost track (then everything is reconciled).
+    async fn recheck(&mut self) -> bool {
+        false
+    }
 }
 
 /// The events that can mean a document changed: a save renames a temp
@@ -266,16 +268,19 @@ impl ChangeFeed for FolderWatch {
     }
 
     /// A folder replaced by a rename over it sends no event to the old
-    /// folder's watch on every kernel: compare inodes once per full pass.
-    async fn recheck(&mut self) {
-        let now = tokio::fs::metadata(&self.dir).await.ok().map(|m| m.ino());
+    /// folder's watch on every kernel: compare inodes at every pass (one
+    /// `stat`).
+    async fn recheck(&mut self) -> bool {
+        let now = std::fs::metadata(&self.dir).ok().map(|m| m.ino());
         let watched = self.watching.as_ref().map(|(_, inode)| *inode);
-        if now != watched {
-            tracing::debug!(dir = %self.dir.display(), "store folder replaced; watching the new one");
-            if let Err(e) = self.add() {
-                tracing::debug!(error = %e, "cannot watch the store folder again");
-            }
+        if now == watched {
+            return false;
         }
+        tracing::debug!(dir = %self.dir.display(), "store folder replaced; watching the new one");
+        if let Err(e) = self.add() {
+            tracing::debug!(error = %e, "cannot watch the store folder again");
+        }
+        true
     }
 }
 
@@ -309,8 +314,10 @@ impl StoreWatch {
     /// Before a pass reconciles `keysets`: starts the feed the first time
     /// (so that a write landing during the pass is reported after it), or,
     /// when polling, takes their fingerprints. Our own saves in the pass
-    /// are reported too and cost one pass of the keysets saved.
-    pub async fn before_pass(&mut self, keysets: &[String], full: bool) {
+    /// are reported too and cost one pass of the keysets saved. Returns
+    /// whether the feed had lost track of the store: a pass that was not
+    /// `full` must then reconcile every keyset.
+    pub async fn before_pass(&mut self, keysets: &[String], full: bool) -> bool {
         if let Mode::Unstarted = self.mode {
             self.mode = match self.store.watch() {
                 Some(Ok(feed)) => {
@@ -333,8 +340,10 @@ impl StoreWatch {
             };
         }
         match &mut self.mode {
-            Mode::Feed(feed) if full => feed.recheck().await,
-            Mode::Feed(_) | Mode::Unstarted => {}
+            // A full pass reads everything anyway; a feed just started
+            // is not behind.
+            Mode::Feed(feed) => return feed.recheck().await && !full,
+            Mode::Unstarted => {}
             Mode::Poll(seen) => {
                 for keyset in keysets {
                     let fingerprint = self.store.fingerprint(keyset).await;
@@ -345,6 +354,7 @@ impl StoreWatch {
                 }
             }
         }
+        false
     }
 
     /// Completes when a document changes; never, if nothing can tell.
