@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod document;
+pub mod footprint;
 pub mod fsutil;
 pub mod key;
 pub mod logging;
