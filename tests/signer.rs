@@ -688,11 +688,10 @@ mod grpc {
 
 /// The public key of a PKIX DER, compared with the JWK's own members.
 fn der_matches_jwk(der: &[u8], jwk: &Value) -> Result<(), String> {
-    use rsa::pkcs8::DecodePublicKey;
-    use rsa::traits::PublicKeyParts;
     match str_member(jwk, "kty") {
         "EC" => {
             use p256::elliptic_curve::sec1::ToEncodedPoint;
+            use p256::pkcs8::DecodePublicKey;
             let key = p256::PublicKey::from_public_key_der(der).map_err(|e| e.to_string())?;
             let point = key.to_encoded_point(false);
             let same = point.x().map(|x| x.to_vec()) == Some(b64url_decode(str_member(jwk, "x")))
@@ -701,9 +700,16 @@ fn der_matches_jwk(der: &[u8], jwk: &Value) -> Result<(), String> {
                 .ok_or_else(|| format!("EC point differs from {jwk}"))
         }
         "RSA" => {
-            let key = rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| e.to_string())?;
-            let same = key.n().to_bytes_be() == b64url_decode(str_member(jwk, "n"))
-                && key.e().to_bytes_be() == b64url_decode(str_member(jwk, "e"));
+            // The DER read with the RustCrypto types, not with what made it
+            // (aws-lc-rs).
+            let info = pkcs8::SubjectPublicKeyInfoRef::try_from(der).map_err(|e| e.to_string())?;
+            if info.algorithm != pkcs1::ALGORITHM_ID {
+                return Err(format!("not rsaEncryption: {:?}", info.algorithm));
+            }
+            let bits = info.subject_public_key.as_bytes().ok_or("a partial byte")?;
+            let key = pkcs1::RsaPublicKey::try_from(bits).map_err(|e| e.to_string())?;
+            let same = key.modulus.as_bytes() == b64url_decode(str_member(jwk, "n"))
+                && key.public_exponent.as_bytes() == b64url_decode(str_member(jwk, "e"));
             same.then_some(())
                 .ok_or_else(|| format!("RSA key differs from {jwk}"))
         }

@@ -3,7 +3,6 @@
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
-use rsa::traits::{PrivateKeyParts, PublicKeyParts};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -87,10 +86,13 @@ impl PublicJwk {
 
     pub fn from_private(key: &PrivateKey) -> Self {
         match key {
-            PrivateKey::Rsa(key) => PublicJwk::rsa(
-                b64url(&key.n().to_bytes_be()),
-                b64url(&key.e().to_bytes_be()),
-            ),
+            PrivateKey::Rsa(key) => {
+                let parts = key.parts();
+                PublicJwk::rsa(
+                    b64url(parts.modulus.as_bytes()),
+                    b64url(parts.public_exponent.as_bytes()),
+                )
+            }
             PrivateKey::Ec(key) => {
                 let point = key.public_key().to_encoded_point(false);
                 // An uncompressed point always has both coordinates.
@@ -164,22 +166,18 @@ impl PrivateJwk {
                 qi: None,
             },
             PrivateKey::Rsa(key) => {
-                let primes = key.primes();
-                let big = |v: Option<&rsa::BigUint>| {
-                    v.map(|v| secret_b64url(&Zeroizing::new(v.to_bytes_be())))
-                };
-                // Keys parsed from PKCS#8 are precomputed, so the CRT values
-                // exist; crt_coefficient() recomputes qi as an unsigned value
-                // (a copy of our own, so wiped like the others).
-                let qi = key.crt_coefficient().map(Zeroizing::new);
+                // Borrowed from the key's zeroizing DER, without leading
+                // zero bytes (RFC 7518 §6.3.2); only the base64 is a copy.
+                let parts = key.parts();
+                let secret = |value: pkcs1::UintRef<'_>| Some(secret_b64url(value.as_bytes()));
                 PrivateJwk {
                     public,
-                    d: big(Some(key.d())),
-                    p: big(primes.first()),
-                    q: big(primes.get(1)),
-                    dp: big(key.dp()),
-                    dq: big(key.dq()),
-                    qi: big(qi.as_deref()),
+                    d: secret(parts.private_exponent),
+                    p: secret(parts.prime1),
+                    q: secret(parts.prime2),
+                    dp: secret(parts.exponent1),
+                    dq: secret(parts.exponent2),
+                    qi: secret(parts.coefficient),
                 }
             }
         }

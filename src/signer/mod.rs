@@ -195,7 +195,7 @@ impl SigningKey {
         };
         // SecretDocument zeroizes the DER when dropped; ring keeps its own
         // form of the key for as long as the keyring lives.
-        let (_, der) = rsa::pkcs8::SecretDocument::from_pem(pem.expose())
+        let (_, der) = pkcs8::SecretDocument::from_pem(pem.expose())
             .map_err(|_| fail(KeyLoadFailure::NotPem))?;
         let pair = match alg {
             Alg::ES256 => EcdsaKeyPair::from_pkcs8(
@@ -254,26 +254,31 @@ pub struct PublishedKey {
 }
 
 fn spki_der(jwk: &PublicJwk) -> Option<Vec<u8>> {
-    use rsa::pkcs8::EncodePublicKey;
+    use pkcs8::EncodePublicKey;
     let decode = |value: &Option<String>| URL_SAFE_NO_PAD.decode(value.as_ref()?).ok();
-    let der = match jwk.alg {
+    match jwk.alg {
         Alg::ES256 => {
             let point = [&[0x04][..], &decode(&jwk.x)?, &decode(&jwk.y)?].concat();
-            p256::PublicKey::from_sec1_bytes(&point)
-                .ok()?
-                .to_public_key_der()
-                .ok()?
+            let key = p256::PublicKey::from_sec1_bytes(&point).ok()?;
+            Some(key.to_public_key_der().ok()?.into_vec())
         }
-        Alg::RS256 => {
-            let n = rsa::BigUint::from_bytes_be(&decode(&jwk.n)?);
-            let e = rsa::BigUint::from_bytes_be(&decode(&jwk.e)?);
-            rsa::RsaPublicKey::new(n, e)
-                .ok()?
-                .to_public_key_der()
-                .ok()?
-        }
-    };
-    Some(der.into_vec())
+        Alg::RS256 => rsa_spki_der(decode(&jwk.n)?, decode(&jwk.e)?),
+    }
+}
+
+/// RSA public keys are offered if AWS-LC finds (n, e) well formed (no
+/// leading zero bytes, n odd, e odd, 3 ≤ e < 2^33) and n has at most 4096
+/// bits: the limit keyroll always had, and ring's for signing.
+fn rsa_spki_der(n: Vec<u8>, e: Vec<u8>) -> Option<Vec<u8>> {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::{PublicKey, PublicKeyComponents};
+    if n.len() > 4096 / 8 {
+        return None;
+    }
+    let der = PublicKeyComponents { n, e }.as_der().ok()?;
+    // Encoding checks nothing; parsing runs AWS-LC's RSA_check_key.
+    PublicKey::from_der(der.as_ref()).ok()?;
+    Some(der.as_ref().to_vec())
 }
 
 /// What a keyring was built from; an equal one is reused, not re-parsed.

@@ -1,5 +1,6 @@
 //! The keyring alone: parsing, claim checks, token shape, signatures checked
-//! with ring's verifier and the published DER, reuse across passes.
+//! with ring's verifier and the published DER (read with the RustCrypto DER
+//! types), reuse across passes.
 
 use super::*;
 use crate::config::{ConfigSource, ParseContext};
@@ -77,8 +78,8 @@ fn segments(token: &str) -> (Value, Value, Vec<u8>) {
     )
 }
 
-/// The raw public key ring verifies with, taken from the published DER
-/// (the last bytes of the SubjectPublicKeyInfo's BIT STRING).
+/// The raw public key ring verifies with, taken from the published DER:
+/// the SubjectPublicKeyInfo's BIT STRING (a SEC1 point, a PKCS#1 key).
 fn verify_with_published(ring: &Keyring, kid: &str, alg: Alg, token: &str) {
     let key = ring
         .published()
@@ -96,11 +97,10 @@ fn verify_with_published(ring: &Keyring, kid: &str, alg: Alg, token: &str) {
                 .expect("the ES256 signature verifies");
         }
         Alg::RS256 => {
-            use rsa::pkcs1::EncodeRsaPublicKey;
-            use rsa::pkcs8::DecodePublicKey;
-            let public = rsa::RsaPublicKey::from_public_key_der(&key.der).unwrap();
-            let pkcs1 = public.to_pkcs1_der().unwrap();
-            UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, pkcs1.as_bytes())
+            let info = pkcs8::SubjectPublicKeyInfoRef::try_from(&key.der[..]).unwrap();
+            assert_eq!(info.algorithm, pkcs1::ALGORITHM_ID, "rsaEncryption, NULL");
+            let pkcs1 = info.subject_public_key.as_bytes().expect("whole bytes");
+            UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, pkcs1)
                 .verify(input.as_bytes(), &signature)
                 .expect("the RS256 signature verifies");
         }
@@ -301,6 +301,46 @@ fn published_der_is_each_jwk_and_a_keyring_is_reused_until_keys_change() {
         rotated.active_kid(Alg::ES256),
         Some(doc.keys[2].kid.as_str())
     );
+}
+
+#[test]
+fn rsa_keys_are_offered_only_well_formed_and_at_most_4096_bits() {
+    let old: PublicJwk = {
+        let jwk: Value = serde_json::from_str(include_str!(
+            "../../tests/data/keys/rs256-2048-rsa-crate.jwk.json"
+        ))
+        .unwrap();
+        let member = |name: &str| jwk[name].as_str().unwrap().to_string();
+        PublicJwk::rsa(member("n"), member("e"))
+    };
+    let n = URL_SAFE_NO_PAD.decode(old.n.as_deref().unwrap()).unwrap();
+    let e = URL_SAFE_NO_PAD.decode(old.e.as_deref().unwrap()).unwrap();
+    let der = rsa_spki_der(n.clone(), e.clone()).expect("a good key");
+    let info = pkcs8::SubjectPublicKeyInfoRef::try_from(&der[..]).unwrap();
+    let parsed =
+        pkcs1::RsaPublicKey::try_from(info.subject_public_key.as_bytes().unwrap()).unwrap();
+    assert_eq!(
+        (parsed.modulus.as_bytes(), parsed.public_exponent.as_bytes()),
+        (&n[..], &e[..])
+    );
+    assert_eq!(spki_der(&old), Some(der));
+
+    let mut even = n.clone();
+    *even.last_mut().unwrap() ^= 1;
+    let leading_zero = [&[0][..], &n].concat();
+    let bits_4096 = [&n[..], &n].concat();
+    assert!(rsa_spki_der(bits_4096.clone(), e.clone()).is_some());
+    let too_large = [&[1][..], &bits_4096].concat();
+    for (case, n, e) in [
+        ("even modulus", even, e.clone()),
+        ("leading zero", leading_zero, e.clone()),
+        ("4097 bits", too_large, e.clone()),
+        ("even exponent", n.clone(), vec![1, 0, 0]),
+        ("34-bit exponent", n.clone(), vec![3, 0, 0, 0, 1]),
+        ("exponent 1", n.clone(), vec![1]),
+    ] {
+        assert_eq!(rsa_spki_der(n, e), None, "{case}");
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! RSA key generation per key, private key + PKCS#8 DER: the `rsa` crate
-//! (keyroll's today), aws-lc-rs (`KeyPair::generate`), and `openssl genpkey`
+//! (keyroll's until issue 13.4), aws-lc-rs (`KeyPair::generate`, keyroll's
+//! since; `benches/keygen.rs` times keyroll's own path), and `openssl genpkey`
 //! (one process per key, minus the median of `openssl pkey` reading and
 //! writing a key of the same size). Rounds alternate the three. Every
 //! aws-lc-rs key is checked to load in ring, the signer's parser. ring
