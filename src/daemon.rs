@@ -1048,8 +1048,7 @@ impl Daemon {
     /// Drops the routes of keysets that are neither configured nor being
     /// retired any more (C1: 404 after the last `remove_at`).
     fn forget_retired_routes(&self) {
-        let live: Vec<String> = self.keysets.keys().cloned().collect();
-        let gone = |name: &String| !live.contains(name);
+        let gone = |name: &String| !self.keysets.contains_key(name);
         let current = self.served.load();
         if !current.keysets.keys().any(gone) {
             return;
