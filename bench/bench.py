@@ -6,7 +6,10 @@ this needs; standard library only.
 
 Sections (BENCH_ONLY=name,name... runs a subset):
   serve     JWKS throughput and p99: keyroll vs nginx (auto workers, and one
-            worker) serving the same bytes, at wrk -t2 -c64 and -t1 -c32
+            worker) serving the same bytes, at wrk -t2 -c64 and -t1 -c32 (as
+            fast as each server answers), and at -t2 -c64 with 1 ms between a
+            connection's requests (a fixed load), with wrk beside the server
+            and with wrk on CPU 0 and the server on the others
   keygen    JWKS p99 while an RSA-4096 key is generated, vs nginx beside openssl
   genpkey   key generation per algorithm and size vs `openssl genpkey`
   rotate    `keyroll rotate --now --alg ES256`: store write landed -> new key served and in
@@ -23,6 +26,7 @@ Sections (BENCH_ONLY=name,name... runs a subset):
 
 import argparse
 import atexit
+import dataclasses
 import os
 import random
 import re
@@ -304,13 +308,16 @@ def rss_kib(pid):
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
-def wrk(url, pids=(), seconds=5, threads=WRK_THREADS, connections=WRK_CONNECTIONS):
-    """wrk's figures; with `pids`, also the CPU those processes used per request."""
+def wrk(url, pids=(), seconds=5, threads=WRK_THREADS, connections=WRK_CONNECTIONS,
+        script=None, cpus=None):
+    """wrk's figures; with `pids`, also the CPU those processes used per
+    request. `script`: a wrk Lua script; `cpus`: run wrk on these CPUs only."""
     cpu_before = sum(cpu_seconds(p) for p in pids)
-    out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command += ["-s", str(script)] if script else []
+    if cpus is not None:
+        command = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] + command
+    out = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     latency = {}
     for pct in ("50", "99"):
@@ -336,10 +343,41 @@ def served_reference(daemon):
     return headers, body
 
 
+THINK_TIME = Path(__file__).resolve().parent / "think-time.lua"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSetting:
+    """One wrk setting of the serving section."""
+    threads: int
+    connections: int
+    seconds: int
+    # Each connection waits 1 ms between requests (bench/think-time.lua):
+    # the client fixes the load, the same for every server.
+    fixed_load: bool = False
+    # wrk on the first CPU, the server on the others: what a server does,
+    # without the scheduler putting the client on the server's CPU.
+    isolated: bool = False
+
+    def title(self):
+        extra = [" with 1 ms between a connection's requests (fixed load)"] if self.fixed_load else []
+        extra += [", wrk on CPU 0 and the server on the other CPUs"] if self.isolated else []
+        return f"wrk -t{self.threads} -c{self.connections} -d{self.seconds}s" + "".join(extra)
+
+
 # The wrk settings the serving section runs: bench/run's own, and one wrk
 # thread against 32 connections, where one server thread meets one client
-# thread on the two CPUs (the setting of the JWKS tail in issue 13).
-SERVE_SETTINGS = ((WRK_THREADS, WRK_CONNECTIONS, 5), (1, 32, 8))
+# thread on the two CPUs (the setting of the JWKS tail in issue 13). Both
+# saturate: every server answers as fast as it can, and wrk shares the CPUs
+# with it. The fixed-load settings compare latency at the same load, with
+# and without the client on the server's CPU (docs/BENCHMARKS.md, "Issue
+# 13, third part").
+SERVE_SETTINGS = (
+    ServeSetting(WRK_THREADS, WRK_CONNECTIONS, 5),
+    ServeSetting(1, 32, 8),
+    ServeSetting(WRK_THREADS, WRK_CONNECTIONS, 5, fixed_load=True),
+    ServeSetting(WRK_THREADS, WRK_CONNECTIONS, 5, fixed_load=True, isolated=True),
+)
 
 
 def section_serve(args):
@@ -369,24 +407,40 @@ def section_serve(args):
         servers["baseline"] = (baseline.url(), [baseline.process.pid])
         others.append(baseline)
         say(f"  baseline: {args.keyroll_baseline}")
-    for threads, connections, seconds in SERVE_SETTINGS:
-        serve_rounds(servers, rounds, threads, connections, min(seconds, args.serve_seconds or seconds))
+    for setting in SERVE_SETTINGS:
+        if setting.isolated and (os.cpu_count() or 1) < 2:
+            say(f"  -- {setting.title()}: skipped, one CPU")
+            continue
+        seconds = min(setting.seconds, args.serve_seconds or setting.seconds)
+        serve_rounds(servers, rounds, dataclasses.replace(setting, seconds=seconds))
     for server in [daemon, *others]:
         server.stop()
 
 
-def serve_rounds(servers, rounds, threads, connections, seconds):
+def serve_rounds(servers, rounds, setting):
     """One wrk setting: every server in alternated rounds; a table of
     medians with each keyroll build's ratios to both nginx configurations."""
-    say(f"  -- wrk -t{threads} -c{connections} -d{seconds}s")
+    say(f"  -- {setting.title()}")
+    every_cpu = set(range(os.cpu_count() or 1))
+    client_cpus = {0} if setting.isolated else None
+    options = dict(threads=setting.threads, connections=setting.connections, cpus=client_cpus,
+                   script=THINK_TIME if setting.fixed_load else None)
+    try:
+        for _, pids in servers.values():
+            pin(pids, every_cpu - {0} if setting.isolated else every_cpu)
+    except PermissionError:
+        say("     skipped: cannot set the servers' CPU affinity (run as root)")
+        return
     results = {name: [] for name in servers}
     for url, _ in servers.values():
-        wrk(url, seconds=1, threads=threads, connections=connections)  # warm-up
+        wrk(url, seconds=1, **options)  # warm-up
     for r in range(rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
         for name in order:
             url, pids = servers[name]
-            results[name].append(wrk(url, pids, seconds, threads=threads, connections=connections))
+            results[name].append(wrk(url, pids, setting.seconds, **options))
+    for _, pids in servers.values():
+        pin(pids, every_cpu)
     keyrolls = [name for name in servers if not name.startswith("nginx")]
     header = ["median of rounds", "nginx", "nginx-1w"]
     for name in keyrolls:
@@ -406,6 +460,16 @@ def serve_rounds(servers, rounds, threads, connections, seconds):
         rows.append(row)
     table(header, rows)
     say()
+
+
+def pin(pids, cpus):
+    """Every thread of `pids` on `cpus` only."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except ProcessLookupError:
+                pass  # the thread just exited
 
 
 def section_keygen_p99(args):
