@@ -55,9 +55,12 @@ def main():
     parser.add_argument("--binary", help="a release keyroll to profile (default: cargo build --release)")
     parser.add_argument("--check", metavar="BINARY", help="only report how much of the list BINARY has")
     parser.add_argument("--out", default=str(ORDER_FILE), help=f"where to write (default: {ORDER_FILE})")
+    parser.add_argument("--require", type=float, metavar="FRACTION",
+                        help="with --check: fail unless the list was applied and at least this "
+                             "fraction of it is in the binary (CI)")
     args = parser.parse_args()
     if args.check:
-        return check(Path(args.check))
+        return check(Path(args.check), require=args.require)
     ensure_valgrind()
     binary = Path(args.binary).resolve() if args.binary else build_release()
     tiers = profile(binary)
@@ -317,14 +320,17 @@ def listed_symbols(order_file):
             if line.strip() and not line.startswith("#")]
 
 
-def check(binary, order_file=ORDER_FILE):
-    """How many listed functions `binary` has, and the span they take."""
+def check(binary, order_file=ORDER_FILE, require=None):
+    """How many listed functions `binary` has, and the span they take. With
+    `require`, exit status 1 unless the linker applied the list (the span
+    is about the size) and at least that fraction of it is there."""
     where = binary_functions(binary)
     listed = listed_symbols(order_file)
     found = [where[s] for s in listed if s in where]
+    regenerate = "regenerate it: python3 bench/hot_text.py (needs valgrind)"
     if not found:
-        print(f"hot_text: none of the {len(listed)} listed functions is in {binary}: regenerate the list")
-        return 0
+        print(f"hot_text: none of the {len(listed)} listed functions is in {binary}: {regenerate}")
+        return 1 if require else 0
     start = min(a for a, _ in found)
     end = max(a + size for a, size in found)
     size = sum(size for _, size in found)
@@ -332,6 +338,15 @@ def check(binary, order_file=ORDER_FILE):
     # the size means the build was linked without the list (build.rs).
     print(f"hot_text: {len(found)} of {len(listed)} listed functions are in {binary}: "
           f"{size / 1024:.0f} KiB of code over a span of {(end - start) / 1024:.0f} KiB")
+    if require is None:
+        return 0
+    if end - start > 2 * size:
+        print("hot_text: the linker did not apply link/hot-text.txt (build.rs passes it to lld "
+              "in release builds of x86_64 Linux with Rust 1.90 or later)")
+        return 1
+    if len(found) < require * len(listed):
+        print(f"hot_text: less than {require:.0%} of link/hot-text.txt is in this build: {regenerate}")
+        return 1
     return 0
 
 
