@@ -10,8 +10,9 @@ first and together.
 
 This script writes that list: it runs a release keyroll under valgrind's
 callgrind on the embedded default's shape (file store, HTTP, one keyset),
-zeroes the counts once it is ready, and records every function with a cost
-in the executable:
+counts from the moment the daemon drops its start-up code
+(`--zero-before=*release_startup_pages*`), and records every function with
+a cost in the executable:
 
   1. serving and idling: the JWKS (200, 304, HEAD), /metrics, /readyz,
      /healthz, a 404, and timer passes;
@@ -82,7 +83,8 @@ def ensure_valgrind():
 
 def build_release():
     subprocess.run(["cargo", "build", "--release", "--bin", "keyroll"], cwd=REPO, check=True)
-    return REPO / "target" / "release" / "keyroll"
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    return (target if target.is_absolute() else REPO / target).resolve() / "release" / "keyroll"
 
 
 def profile(binary):
@@ -113,7 +115,12 @@ def run_stages(binary, work):
     # request also initialises its thread-locals, and that code must count).
     env["RUST_LOG"] = "warn,keyroll::daemon=debug"
     log_path = work / "keyroll.log"
-    log = open(log_path, "wb")
+    with open(log_path, "wb") as log:
+        return drive(binary, work, config, dumps, env, log, log_path, port)
+
+
+def drive(binary, work, config, dumps, env, log, log_path, port):
+    """Runs the daemon under callgrind through both stages; their functions."""
     daemon = subprocess.Popen(
         # Counts start when the daemon drops its start-up code from memory
         # (src/footprint.rs): what runs from then on is what stays resident.
