@@ -9,7 +9,8 @@ Sections (BENCH_ONLY=name,name... runs a subset):
             worker) serving the same bytes, at wrk -t2 -c64 and -t1 -c32 (as
             fast as each server answers), and at -t2 -c64 with 1 ms between a
             connection's requests (a fixed load), with wrk beside the server
-            and with wrk on CPU 0 and the server on the others
+            and with wrk on CPU 0 and the server on the others; and at -t1
+            -c32 with wrk on CPU 0 and a busy loop beside the server
   keygen    JWKS p99 while an RSA-4096 key is generated, vs nginx beside openssl
   genpkey   key generation per algorithm and size vs `openssl genpkey`
   rotate    `keyroll rotate --now --alg ES256`: store write landed -> new key served and in
@@ -358,10 +359,14 @@ class ServeSetting:
     # wrk on the first CPU, the server on the others: what a server does,
     # without the scheduler putting the client on the server's CPU.
     isolated: bool = False
+    # A busy loop on the server's CPUs, as another tenant's batch job: the
+    # server shares its CPU with a task that is not its client.
+    busy_neighbour: bool = False
 
     def title(self):
         extra = [" with 1 ms between a connection's requests (fixed load)"] if self.fixed_load else []
         extra += [", wrk on CPU 0 and the server on the other CPUs"] if self.isolated else []
+        extra += [", with a busy loop on the server's CPUs"] if self.busy_neighbour else []
         return f"wrk -t{self.threads} -c{self.connections} -d{self.seconds}s" + "".join(extra)
 
 
@@ -371,12 +376,16 @@ class ServeSetting:
 # saturate: every server answers as fast as it can, and wrk shares the CPUs
 # with it. The fixed-load settings compare latency at the same load, with
 # and without the client on the server's CPU (docs/BENCHMARKS.md, "Issue
-# 13, third part").
+# 13, third part"). The last puts a busy loop on the server's CPU, as a
+# neighbour's batch job: a server that gives its CPU away to let its clients
+# run (sched_yield per request, tried for the -t2 -c64 tail) loses 99% of
+# its throughput there ("Issue 13, fourth part").
 SERVE_SETTINGS = (
     ServeSetting(WRK_THREADS, WRK_CONNECTIONS, 5),
     ServeSetting(1, 32, 8),
     ServeSetting(WRK_THREADS, WRK_CONNECTIONS, 5, fixed_load=True),
     ServeSetting(WRK_THREADS, WRK_CONNECTIONS, 5, fixed_load=True, isolated=True),
+    ServeSetting(1, 32, 5, isolated=True, busy_neighbour=True),
 )
 
 
@@ -425,12 +434,15 @@ def serve_rounds(servers, rounds, setting):
     client_cpus = {0} if setting.isolated else None
     options = dict(threads=setting.threads, connections=setting.connections, cpus=client_cpus,
                    script=THINK_TIME if setting.fixed_load else None)
+    server_cpus = every_cpu - {0} if setting.isolated else every_cpu
     try:
         for _, pids in servers.values():
-            pin(pids, every_cpu - {0} if setting.isolated else every_cpu)
+            pin(pids, server_cpus)
     except PermissionError:
         say("     skipped: cannot set the servers' CPU affinity (run as root)")
         return
+    busy = (spawn(["taskset", "-c", ",".join(map(str, sorted(server_cpus))), "sh", "-c", "while :; do :; done"])
+            if setting.busy_neighbour else None)
     results = {name: [] for name in servers}
     for url, _ in servers.values():
         wrk(url, seconds=1, **options)  # warm-up
@@ -439,6 +451,9 @@ def serve_rounds(servers, rounds, setting):
         for name in order:
             url, pids = servers[name]
             results[name].append(wrk(url, pids, setting.seconds, **options))
+    if busy:
+        busy.kill()
+        busy.wait()
     for _, pids in servers.values():
         pin(pids, every_cpu)
     keyrolls = [name for name in servers if not name.startswith("nginx")]
